@@ -1,0 +1,36 @@
+"""Shared fixtures: one embedded Ray per test session, one local static file server.
+
+Tests never touch the network beyond loopback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """An embedded 2-CPU Ray shared by every test that needs one."""
+    from wit_builder import parallel
+
+    parallel.init(num_cpus=2)
+    yield
+    parallel.shutdown()
+
+
+@pytest.fixture(scope="session")
+def static_server(tmp_path_factory):
+    """Serve a temporary directory over HTTP on 127.0.0.1; yields (base_url, directory)."""
+    from wit_builder.demo_server import serve_directory
+
+    root = tmp_path_factory.mktemp("www")
+    server = serve_directory(str(root))
+    yield server.base_url, str(root)
+    server.stop()

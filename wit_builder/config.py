@@ -1,0 +1,251 @@
+"""TOML pipelines into frozen dataclasses, one per stage; unknown keys and wrong types rejected.
+
+A pipeline file has one table per stage (`[queries]`, `[candidates]`, `[match]`, `[balance]`,
+`[download]`, `[filter]`, `[shards]`) plus `[run]` (seed, cpus) and optional `[train]`. Every
+key of a stage's table is a field of that stage's `Config`. Relative input paths are resolved
+against the directory of the TOML file. `--set section.key=value` overrides take TOML values.
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class C:
+    ...     cap: int = 5
+    >>> from_dict(C, {"cap": 7}, where="demo.toml [balance]")
+    C(cap=7)
+    >>> from_dict(C, {"kap": 7}, where="demo.toml [balance]")
+    Traceback (most recent call last):
+    ...
+    wit_builder.config.ConfigError: demo.toml [balance]: unknown key 'kap' (known: cap)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal, get_args, get_origin
+
+from wit_builder.stages import STAGE_ORDER
+
+
+class ConfigError(Exception):
+    """A pipeline configuration problem: the CLI prints it and exits with code 2."""
+
+
+def path_field(default: Any = "", **kw: Any) -> Any:
+    """A dataclass field holding an input path (or list of paths/globs), resolved against the
+    TOML file's directory and checked to exist before any work starts."""
+    metadata = {"path": True, "must_exist": kw.pop("must_exist", True)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{where}: must be one of {choices}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner, *_) = get_args(tp) or (Any,)
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        _, vt = get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from `data`, naming `where` (file + table) in every error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+    kwargs = {k: _coerce(v, hints[k], f"{where} key {k!r}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # __post_init__ validation or missing required keys
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def resolve_paths(obj: Any, base_dir: str, where: str, check: bool = True) -> Any:
+    """Return a copy of dataclass `obj` with path fields made absolute (against base_dir)."""
+    changes: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("path"):
+            many = isinstance(value, (list, tuple))
+            resolved = [_resolve_one(v, base_dir) for v in (value if many else [value])]
+            if check and f.metadata.get("must_exist", True):
+                for raw, p in zip(value if many else [value], resolved):
+                    if p and not _path_exists(p):
+                        raise ConfigError(f"{where} key {f.name!r}: input path not found: {raw!r} ({p})")
+            changes[f.name] = resolved if many else resolved[0]
+        elif is_dataclass(value):
+            changes[f.name] = resolve_paths(value, base_dir, f"{where}.{f.name}", check)
+    return dataclasses.replace(obj, **changes)
+
+
+def _resolve_one(p: str, base_dir: str) -> str:
+    if not p or "://" in p or os.path.isabs(p):
+        return p
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
+
+
+def _path_exists(p: str) -> bool:
+    import glob
+
+    if "://" in p:
+        from wit_builder import io
+
+        fs, inner = io.filesystem(p)
+        return bool(fs.glob(inner)) if any(c in inner for c in "*?[") else fs.exists(inner)
+    return bool(glob.glob(p)) if any(c in p for c in "*?[") else os.path.exists(p)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """`[run]`: run-wide settings."""
+
+    seed: int = 0
+    num_cpus: int = 0  # 0 = all cores of this machine (embedded Ray); ignored with --ray-address
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A loaded pipeline: the run settings, each stage's Config, and the raw `[train]` table."""
+
+    source: str  # the TOML file
+    run: RunConfig
+    stages: dict[str, Any]  # stage name -> that stage's frozen Config
+    train: dict[str, Any]  # passed to the trainer as-is (validated by it)
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of one stage's config (plus the seed), for change detection."""
+        payload = {"stage": stage, "seed": self.run.seed, "config": _jsonable(self.stages[stage])}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "run": _jsonable(self.run),
+            **{name: _jsonable(cfg) for name, cfg in self.stages.items()},
+            "train": self.train,
+        }
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def stage_module(name: str):
+    return importlib.import_module(f"wit_builder.stages.{name}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], TOML-parsed value; bare words are strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bool = True) -> Pipeline:
+    """Load and validate a pipeline TOML; raises ConfigError naming the file and key."""
+    if not os.path.exists(path):
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {k!r} is not a table")
+        node[keys[-1]] = value
+    known = {"run", "train", *STAGE_ORDER}
+    for section in raw:
+        if section not in known:
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sorted(known))})")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    run = from_dict(RunConfig, raw.get("run", {}), f"{path} [run]")
+    stages: dict[str, Any] = {}
+    for name in STAGE_ORDER:
+        cls = stage_module(name).Config
+        cfg = from_dict(cls, raw.get(name, {}), f"{path} [{name}]")
+        stages[name] = resolve_paths(cfg, base_dir, f"{path} [{name}]", check=check_paths)
+    train = raw.get("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError(f"{path}: [train] must be a table")
+    return Pipeline(source=os.path.abspath(path), run=run, stages=stages, train=train)

@@ -1,0 +1,150 @@
+"""The one module that talks to Ray: start it, run tasks or per-worker actors, show progress.
+
+Stages call `map_tasks` (a pure function per item) or `map_actors` (an expensive `setup()` run
+once per worker, e.g. building a 500k-query automaton or loading a model, then a function per
+item). Results come back as items finish, with a progress bar.
+
+Example:
+    >>> init(num_cpus=1)                                    # doctest: +SKIP
+    >>> sorted(r for _, r in map_tasks(abs, [-1, -2], desc="abs", progress=False))  # doctest: +SKIP
+    [1, 2]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+from wit_builder.progress import bar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _ray():
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    return ray
+
+
+def init(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start an embedded local Ray (or connect to `address`); a no-op if already up."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+
+
+def shutdown() -> None:
+    ray = _ray()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_cpus() -> int:
+    ray = _ray()
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
+
+
+def map_tasks(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    desc: str,
+    progress: bool = True,
+    max_retries: int = 3,
+    max_in_flight: int | None = None,
+    num_cpus: float = 1,
+    unit: str = "part",
+) -> Iterator[tuple[T, R]]:
+    """Run `fn(item)` as Ray tasks (retried on failure); yield (item, result) as they finish."""
+    ray = _ray()
+    init()
+    remote = ray.remote(fn).options(
+        max_retries=max_retries, retry_exceptions=True, num_cpus=num_cpus
+    )
+    limit = max_in_flight or max(1, cluster_cpus() * 2)
+    pending: dict[Any, T] = {}
+    queue = list(items)
+    with bar(total=len(queue), desc=desc, unit=unit, enabled=progress) as pbar:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                item = queue.pop(0)
+                pending[remote.remote(item)] = item
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                item = pending.pop(ref)
+                yield item, ray.get(ref)
+                pbar.update(1)
+
+
+class _Worker:
+    def __init__(self, setup: Callable[[], Any], fn: Callable[[Any, Any], Any]):
+        self.state = setup()
+        self.fn = fn
+
+    def call(self, item: Any) -> Any:
+        return self.fn(self.state, item)
+
+
+def map_actors(
+    setup: Callable[[], Any],
+    fn: Callable[[Any, T], R],
+    items: Iterable[T],
+    *,
+    desc: str,
+    num_actors: int | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    unit: str = "part",
+) -> Iterator[tuple[T, R]]:
+    """Run `setup()` once in each of `num_actors` workers, then `fn(state, item)` per item there.
+
+    Yields (item, result) as they finish; at most two items in flight per actor, so `items`
+    may be a lazy stream.
+    """
+    ray = _ray()
+    init()
+    n = max(1, num_actors or cluster_cpus())
+    actor_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(_Worker)
+    actors = [actor_cls.remote(setup, fn) for _ in range(n)]
+    try:
+        it = iter(items)
+        pending: dict[Any, tuple[T, int]] = {}
+        load = [0] * n
+        exhausted = False
+        with bar(total=total, desc=desc, unit=unit, enabled=progress) as pbar:
+            while True:
+                while not exhausted and min(load) < 2:
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    a = load.index(min(load))
+                    pending[actors[a].call.remote(item)] = (item, a)
+                    load[a] += 1
+                if not pending:
+                    break
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    item, a = pending.pop(ref)
+                    load[a] -= 1
+                    yield item, ray.get(ref)
+                    pbar.update(1)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
