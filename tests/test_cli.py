@@ -1,0 +1,68 @@
+"""The CLI: fast --help without torch/ray, exit code 2 on config errors naming the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DEMO = os.path.join(REPO, "pipelines", "demo.toml")
+
+
+def _wit(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wit_builder.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_help_imports_neither_torch_nor_ray():
+    code = ("import sys; from wit_builder import cli\n"
+            "try:\n    cli.main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+            "from wit_builder.config import load_pipeline; load_pipeline(%r, check_paths=False)\n"
+            "bad = [m for m in ('torch', 'ray', 'open_clip') if m in sys.modules]\n"
+            "assert not bad, bad" % DEMO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "--ray-address" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "queries", "candidates", "match", "balance", "download", "filter",
+                                     "shards", "status", "sql", "demo"])
+def test_every_command_has_help_with_an_example(command):
+    out = _wit(command, "--help")
+    assert out.returncode == 0
+    assert "example" in out.stdout
+
+
+def test_unknown_key_exits_2_naming_key_and_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(DEMO).read().replace("[balance]", "[balance]\nkap = 3", 1))
+    out = _wit("run", str(bad), "--out", str(tmp_path / "r"))
+    assert out.returncode == 2
+    assert "unknown key 'kap'" in out.stderr and "bad.toml [balance]" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists(), "no work may start before the config is valid"
+
+
+def test_unknown_section_and_bad_override_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(DEMO).read() + "\n[balanse]\ncap = 3\n")
+    out = _wit("run", str(bad), "--out", str(tmp_path / "r"))
+    assert out.returncode == 2 and "unknown section [balanse]" in out.stderr
+    out = _wit("run", DEMO, "--out", str(tmp_path / "r"), "--set", "balance.cap=oops")
+    assert out.returncode == 2 and "balance" in out.stderr and "'cap'" in out.stderr
+
+
+def test_missing_input_path_exits_2(tmp_path):
+    out = _wit("run", DEMO, "--out", str(tmp_path / "r"), "--set", 'candidates.inputs=["/no/such/file.parquet"]')
+    assert out.returncode == 2
+    assert "'inputs'" in out.stderr and "/no/such/file.parquet" in out.stderr
+
+
+def test_status_and_sql_on_missing_run_dir_exit_2(tmp_path):
+    for args in (("status", str(tmp_path / "nope")), ("sql", str(tmp_path / "nope"), "SELECT 1")):
+        out = _wit(*args)
+        assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr

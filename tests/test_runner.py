@@ -1,0 +1,88 @@
+"""Runner semantics with stand-in stages: skip finished, resume partial, redo after a change."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import pytest
+
+from wit_builder import io, runner
+from wit_builder.config import ConfigError, Pipeline, RunConfig
+from wit_builder.stages import STAGE_ORDER
+from wit_builder.stages.base import StageResult
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    value: int = 1
+
+
+def _pipeline(**values: int) -> Pipeline:
+    stages = {name: FakeConfig(values.get(name, 1)) for name in STAGE_ORDER}
+    return Pipeline(source="fake.toml", run=RunConfig(), stages=stages, train={})
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    calls: list[str] = []
+
+    def module(name: str):
+        def run(ctx, cfg):
+            calls.append(name)
+            io.write_json({"value": cfg.value}, io.join(ctx.stage_dir(name), "out.json"))
+            return StageResult(rows_in=10, rows_out=10 - cfg.value, dropped={"reason": cfg.value})
+
+        return types.SimpleNamespace(run=run)
+
+    monkeypatch.setattr(runner, "stage_module", module)
+    monkeypatch.setattr("wit_builder.parallel.init", lambda **kw: None)
+    return calls
+
+
+def test_second_run_redoes_nothing(tmp_path, fake_stages):
+    results = runner.run_pipeline(_pipeline(), str(tmp_path))
+    assert fake_stages == list(STAGE_ORDER)
+    assert all(r.rows_out == 9 for r in results.values())
+    fake_stages.clear()
+    again = runner.run_pipeline(_pipeline(), str(tmp_path))
+    assert fake_stages == []
+    assert {k: v.rows_out for k, v in again.items()} == {k: v.rows_out for k, v in results.items()}
+
+
+def test_changed_stage_redoes_it_and_everything_after(tmp_path, fake_stages, capsys):
+    runner.run_pipeline(_pipeline(), str(tmp_path))
+    fake_stages.clear()
+    runner.run_pipeline(_pipeline(balance=2), str(tmp_path))
+    assert fake_stages == ["balance", "download", "filter", "shards"]
+    assert "balance: config or inputs changed" in capsys.readouterr().err
+    states = {s.name: s.state for s in runner.stage_states(str(tmp_path), runner.fingerprints(_pipeline(balance=2)))}
+    assert set(states.values()) == {"done"}
+
+
+def test_interrupted_stage_is_resumed_not_wiped(tmp_path, fake_stages):
+    runner.run_pipeline(_pipeline(), str(tmp_path), stages=["queries", "candidates"])
+    # simulate a crash inside match: fingerprint written, a part done, no _SUCCESS
+    fps = runner.fingerprints(_pipeline())
+    match_dir = io.join(str(tmp_path), "matched")
+    io.write_json({"fingerprint": fps["match"]}, io.join(match_dir, runner.FINGERPRINT))
+    io.write_json({"part": 0}, io.join(match_dir, "part-00000.json"))
+    runner.run_pipeline(_pipeline(), str(tmp_path))
+    assert io.exists(io.join(match_dir, "part-00000.json")), "a resumed stage keeps its finished parts"
+    assert fake_stages.count("match") == 1
+
+
+def test_stage_alone_needs_its_input_stage(tmp_path, fake_stages):
+    with pytest.raises(ConfigError, match="needs stage 'balance' finished"):
+        runner.run_pipeline(_pipeline(), str(tmp_path), stages=["download"])
+    runner.run_pipeline(_pipeline(), str(tmp_path), stages=["queries"])
+    with pytest.raises(ConfigError, match="made with another config"):
+        runner.run_pipeline(_pipeline(queries=5), str(tmp_path), stages=["candidates"])
+
+
+def test_accounting_mismatch_is_a_bug(tmp_path, monkeypatch):
+    bad = types.SimpleNamespace(run=lambda ctx, cfg: StageResult(rows_in=3, rows_out=1, dropped={}))
+    monkeypatch.setattr(runner, "stage_module", lambda name: bad)
+    monkeypatch.setattr("wit_builder.parallel.init", lambda **kw: None)
+    with pytest.raises(AssertionError, match="accounting mismatch"):
+        runner.run_pipeline(_pipeline(), str(tmp_path), stages=["queries"])

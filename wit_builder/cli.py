@@ -1,0 +1,218 @@
+"""`wit-build`: the command line. Thin: parse, load the config, call the library.
+
+Importing this module (and `--help`) loads neither torch nor ray.
+
+Example:
+    $ wit-build run pipelines/demo.toml --out runs/r1
+    $ wit-build status runs/r1
+    $ wit-build sql runs/r1 "SELECT count(*) FROM shards"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from wit_builder.stages import STAGE_ORDER
+
+EPILOG = """\
+examples:
+  wit-build demo                                   # the whole pipeline on the bundled demo data
+  wit-build run pipelines/demo.toml --out runs/r1  # all stages, resumable: rerun to continue
+  wit-build run pipelines/demo.toml --out runs/r1 --set balance.cap=10   # redo balance and after
+  wit-build match pipelines/demo.toml --out runs/r1                      # one stage alone
+  wit-build run pipelines/cc.toml --out s3://bucket/r2 --ray-address auto   # on a Ray cluster
+  wit-build status runs/r1
+  wit-build sql runs/r1 "SELECT query_text, count(*) n FROM shards GROUP BY 1 ORDER BY n DESC"
+"""
+
+STAGE_HELP = {
+    "queries": "build the query list (queries/queries.parquet)",
+    "candidates": "read candidate (url, caption) pairs from url lists or WARC/WAT",
+    "match": "find the queries each caption contains (Aho-Corasick, Ray workers)",
+    "balance": "cap each query's pairs (deterministic)",
+    "download": "fetch and resize the selected images into shards (Ray tasks, resumable)",
+    "filter": "drop samples by size, aspect, caption, language, duplicates, CLIP score",
+    "shards": "write the final webdataset tars, metadata and manifest.json",
+}
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, pipeline_optional: bool = False) -> None:
+    p.add_argument("pipeline", nargs="?" if pipeline_optional else None,
+                   help="pipeline TOML file (see pipelines/)")
+    p.add_argument("--out", required=not pipeline_optional, metavar="DIR",
+                   help="run directory (local path or fsspec URL such as s3://bucket/run)")
+    p.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="connect to an existing Ray cluster (e.g. 'auto'); default: embedded local Ray")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (TOML syntax), e.g. --set balance.cap=100; repeatable")
+    p.add_argument("--force", action="store_true", help="redo the stage(s) even if already done")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wit-build",
+        description="Build a WIT-style (CLIP) image-text dataset: queries -> candidates -> match -> "
+        "balance -> download -> filter -> shards.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from wit_builder import __version__
+
+    parser.add_argument("--version", action="version", version=f"wit-builder {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run all stages in order (skips finished ones)",
+                       description="Run every stage in order into --out. Finished stages whose config "
+                       "and inputs did not change are skipped; a changed stage is redone with "
+                       "everything after it. An interrupted run resumes where it stopped.",
+                       epilog="example:\n  wit-build run pipelines/demo.toml --out runs/r1 --from match",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pipeline_args(p)
+    p.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, help="start at this stage")
+
+    for stage in STAGE_ORDER:
+        p = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage] + ". The stages "
+                           "before it must be finished in --out.",
+                           epilog=f"example:\n  wit-build {stage} pipelines/demo.toml --out runs/r1",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_pipeline_args(p, pipeline_optional=stage == "download")
+        if stage == "download":
+            p.add_argument("--retry-failed", action="store_true",
+                           help="re-attempt URLs whose failure was transient (timeouts, 5xx, resets) in "
+                           "finished shards, keeping successes; the pipeline defaults to the one saved "
+                           "in --out")
+
+    p = sub.add_parser("status", help="show each stage's state and counts",
+                       epilog="example:\n  wit-build status runs/r1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="DIR")
+
+    p = sub.add_parser("sql", help="run SQL (DuckDB) over the run's metadata",
+                       description="Views: queries, candidates, matched, selected, query_counts, samples "
+                       "(every download attempt), filtered, kept, shards (one row per final sample).",
+                       epilog='example:\n  wit-build sql runs/r1 "SELECT status, count(*) FROM samples GROUP BY 1"',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="DIR")
+    p.add_argument("query", metavar="QUERY")
+    p.add_argument("--max-rows", type=int, default=50)
+
+    p = sub.add_parser("demo", help="run the whole pipeline + a few CPU training steps on the bundled demo data",
+                       description="Serves the bundled demo photos from a local HTTP server on 127.0.0.1, "
+                       "runs pipelines/demo.toml end to end with embedded Ray, trains a tiny CLIP for a "
+                       "few CPU steps, evaluates zero-shot, and prints a summary.",
+                       epilog="example:\n  wit-build demo --out runs/demo",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.add_argument("--pipeline", default=None, help="default: pipelines/demo.toml of this repo")
+    p.add_argument("--no-train", action="store_true", help="skip the training and zero-shot steps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def _load(pipeline_path: str | None, out: str, overrides: list[str]):
+    from wit_builder import io
+    from wit_builder.config import ConfigError, load_pipeline
+
+    if pipeline_path is None or os.path.isdir(pipeline_path):
+        run_dir = pipeline_path or out
+        saved = io.join(run_dir, "pipeline.json")
+        if not io.exists(saved):
+            raise ConfigError(f"no pipeline given and none saved in {run_dir} (pipeline.json)")
+        data = io.read_json(saved)
+        return load_pipeline(data["source"], list(data.get("overrides", [])) + overrides), run_dir, \
+            list(data.get("overrides", [])) + overrides
+    return load_pipeline(pipeline_path, overrides), out, overrides
+
+
+def _cmd_run(args: argparse.Namespace, stages: list[str] | None) -> int:
+    from wit_builder.runner import run_pipeline
+
+    pipeline, out, overrides = _load(args.pipeline, args.out, args.overrides)
+    run_pipeline(pipeline, out, stages=stages, from_stage=getattr(args, "from_stage", None),
+                 force=args.force, ray_address=args.ray_address, overrides=overrides)
+    return 0
+
+
+def _cmd_retry_failed(args: argparse.Namespace) -> int:
+    from wit_builder import parallel
+    from wit_builder.runner import say
+    from wit_builder.stages import download
+    from wit_builder.stages.base import StageContext
+
+    pipeline, out, _ = _load(args.pipeline, args.out, args.overrides)
+    parallel.init(address=args.ray_address, num_cpus=pipeline.run.num_cpus or None)
+    ctx = StageContext(run_dir=out, seed=pipeline.run.seed, num_cpus=pipeline.run.num_cpus or (os.cpu_count() or 1),
+                       progress=pipeline.run.progress, configs=dict(pipeline.stages))
+    result = download.retry_failed(ctx, pipeline.stages["download"])
+    say(result.line("download --retry-failed"))
+    say("note: stages after download are now out of date; rerun `wit-build run ... --from filter`")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from wit_builder import io
+    from wit_builder.config import ConfigError
+    from wit_builder.runner import stage_states
+
+    if not io.exists(args.run_dir):
+        raise ConfigError(f"run directory not found: {args.run_dir}")
+    print(f"run: {args.run_dir}")
+    for st in stage_states(args.run_dir):
+        if st.result:
+            r = st.result
+            drops = ", ".join(f"{k}={v}" for k, v in sorted(r.dropped.items()) if v) or "-"
+            print(f"  {st.name:<11} {st.state:<8} in={r.rows_in:<9} out={r.rows_out:<9} dropped: {drops}")
+        else:
+            print(f"  {st.name:<11} {st.state}")
+    return 0
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    from wit_builder.catalog import format_table, query
+
+    cols, rows = query(args.run_dir, args.query)
+    print(format_table(cols, rows, args.max_rows))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from wit_builder.demo import run_demo
+
+    return run_demo(out=args.out, pipeline_path=args.pipeline, train=not args.no_train,
+                    overrides=args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from wit_builder.config import ConfigError
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        if args.command == "run":
+            return _cmd_run(args, None)
+        if args.command in STAGE_ORDER:
+            if args.command == "download" and args.retry_failed:
+                return _cmd_retry_failed(args)
+            if args.pipeline is None:
+                raise ConfigError(f"wit-build {args.command}: a pipeline TOML is required")
+            return _cmd_run(args, [args.command])
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "sql":
+            return _cmd_sql(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+    except ConfigError as e:
+        print(f"wit-build: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nwit-build: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
