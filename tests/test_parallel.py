@@ -1,0 +1,49 @@
+"""The Ray wrapper: tasks, per-worker setup, retries."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from wit_builder import parallel
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _setup() -> dict:
+    return {"pid": os.getpid(), "offset": 100}
+
+
+def _add_offset(state: dict, x: int) -> tuple[int, int]:
+    return state["pid"], x + state["offset"]
+
+
+def _fail_once(path: str) -> str:
+    marker = path + ".tried"
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)  # the worker process dies, as on a crash or OOM kill
+    return "ok"
+
+
+@pytest.mark.timeout(120)
+def test_map_tasks_yields_every_result(ray_session):
+    out = dict(parallel.map_tasks(_square, list(range(20)), desc="square", progress=False))
+    assert out == {i: i * i for i in range(20)}
+
+
+@pytest.mark.timeout(120)
+def test_map_actors_runs_setup_once_per_worker(ray_session):
+    results = list(parallel.map_actors(_setup, _add_offset, iter(range(30)), desc="actors", num_actors=2,
+                                       progress=False))
+    assert sorted(r for _, (_, r) in results) == [i + 100 for i in range(30)]
+    assert len({pid for _, (pid, _) in results}) <= 2
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_worker_is_retried(ray_session, tmp_path):
+    out = list(parallel.map_tasks(_fail_once, [str(tmp_path / "a")], desc="crash", progress=False))
+    assert out == [(str(tmp_path / "a"), "ok")]
