@@ -30,7 +30,7 @@ def test_help_imports_neither_torch_nor_ray():
 
 
 @pytest.mark.parametrize("command", ["run", "queries", "candidates", "match", "balance", "download", "filter",
-                                     "shards", "status", "sql", "demo"])
+                                     "shards", "status", "sql", "stats", "demo"])
 def test_every_command_has_help_with_an_example(command):
     out = _wit(command, "--help")
     assert out.returncode == 0

@@ -25,6 +25,7 @@ examples:
   wit-build match pipelines/demo.toml --out runs/r1                      # one stage alone
   wit-build run pipelines/cc.toml --out s3://bucket/r2 --ray-address auto   # on a Ray cluster
   wit-build status runs/r1
+  wit-build stats runs/r1                          # report.html + PNG plots
   wit-build sql runs/r1 "SELECT query_text, count(*) n FROM shards GROUP BY 1 ORDER BY n DESC"
 """
 
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", metavar="QUERY")
     p.add_argument("--max-rows", type=int, default=50)
 
+    p = sub.add_parser("stats", help="write a report (HTML + PNG plots) of a run",
+                       description="Stage funnel, drop reasons, query balance, download errors, image and "
+                       "caption statistics, written to DIR/report/report.html.",
+                       epilog="example:\n  wit-build stats runs/r1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="DIR")
+
     p = sub.add_parser("demo", help="run the whole pipeline + a few CPU training steps on the bundled demo data",
                        description="Serves the bundled demo photos from a local HTTP server on 127.0.0.1, "
                        "runs pipelines/demo.toml end to end with embedded Ray, trains a tiny CLIP for a "
@@ -118,6 +126,8 @@ def _load(pipeline_path: str | None, out: str, overrides: list[str]):
 
     if pipeline_path is None or os.path.isdir(pipeline_path):
         run_dir = pipeline_path or out
+        if not run_dir:
+            raise ConfigError("give a pipeline TOML and --out DIR (or a run directory with --retry-failed)")
         saved = io.join(run_dir, "pipeline.json")
         if not io.exists(saved):
             raise ConfigError(f"no pipeline given and none saved in {run_dir} (pipeline.json)")
@@ -178,6 +188,13 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from wit_builder.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from wit_builder.demo import run_demo
 
@@ -203,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "sql":
             return _cmd_sql(args)
+        if args.command == "stats":
+            return _cmd_stats(args)
         if args.command == "demo":
             return _cmd_demo(args)
     except ConfigError as e:
