@@ -37,9 +37,14 @@ def test_every_command_has_help_with_an_example(command):
     assert "example" in out.stdout
 
 
+def _demo_text() -> str:
+    """demo.toml with its relative input paths made absolute, to copy elsewhere."""
+    return open(DEMO).read().replace('"../demo/', '"' + os.path.join(os.path.dirname(os.path.dirname(DEMO)), "demo") + "/")
+
+
 def test_unknown_key_exits_2_naming_key_and_file(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(open(DEMO).read().replace("[balance]", "[balance]\nkap = 3", 1))
+    bad.write_text(_demo_text().replace("[balance]", "[balance]\nkap = 3", 1))
     out = _wit("run", str(bad), "--out", str(tmp_path / "r"))
     assert out.returncode == 2
     assert "unknown key 'kap'" in out.stderr and "bad.toml [balance]" in out.stderr
@@ -49,7 +54,7 @@ def test_unknown_key_exits_2_naming_key_and_file(tmp_path):
 
 def test_unknown_section_and_bad_override_exit_2(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(open(DEMO).read() + "\n[balanse]\ncap = 3\n")
+    bad.write_text(_demo_text() + "\n[balanse]\ncap = 3\n")
     out = _wit("run", str(bad), "--out", str(tmp_path / "r"))
     assert out.returncode == 2 and "unknown section [balanse]" in out.stderr
     out = _wit("run", DEMO, "--out", str(tmp_path / "r"), "--set", "balance.cap=oops")

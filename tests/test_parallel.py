@@ -47,3 +47,12 @@ def test_map_actors_runs_setup_once_per_worker(ray_session):
 def test_a_killed_worker_is_retried(ray_session, tmp_path):
     out = list(parallel.map_tasks(_fail_once, [str(tmp_path / "a")], desc="crash", progress=False))
     assert out == [(str(tmp_path / "a"), "ok")]
+
+
+@pytest.mark.timeout(120)
+def test_map_tasks_takes_a_partial(ray_session):
+    import functools
+
+    out = dict(parallel.map_tasks(functools.partial(pow, 2), [1, 3, 5], desc="pow", progress=False))
+    assert out == {1: 2, 3: 8, 5: 32}
+    assert parallel._name_of(functools.partial(functools.partial(_square), 2)) == "_square"

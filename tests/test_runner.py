@@ -86,3 +86,21 @@ def test_accounting_mismatch_is_a_bug(tmp_path, monkeypatch):
     monkeypatch.setattr("wit_builder.parallel.init", lambda **kw: None)
     with pytest.raises(AssertionError, match="accounting mismatch"):
         runner.run_pipeline(_pipeline(), str(tmp_path), stages=["queries"])
+
+
+def test_refresh_after_retry_makes_filter_and_shards_redo(tmp_path):
+    run_dir = str(tmp_path)
+    for rel in ("filtered/_features/00000.parquet", "filtered/_features/00001.parquet",
+                "filtered/00000.parquet", "filtered/00001.parquet", "shards/000000.tar"):
+        io.write_bytes(b"x", io.join(run_dir, rel))
+    io.write_json({"fingerprint": "f"}, io.join(run_dir, "filtered", runner.SUCCESS))
+    io.write_json({"fingerprint": "d", "result": StageResult(10, 6, {"http_404": 4}, seconds=3.0).to_json()},
+                  io.join(run_dir, "download", runner.SUCCESS))
+    runner.refresh_after_retry(run_dir, StageResult(10, 8, {"http_404": 2}), ["00001"])
+    done = io.read_json(io.join(run_dir, "download", runner.SUCCESS))
+    assert done["fingerprint"] == "d" and done["result"]["rows_out"] == 8 and done["result"]["seconds"] == 3.0
+    assert io.exists(io.join(run_dir, "filtered/_features/00000.parquet")), "untouched shard features are kept"
+    assert not io.exists(io.join(run_dir, "filtered/_features/00001.parquet"))
+    assert io.listdir(io.join(run_dir, "filtered"), ".parquet") == []
+    assert not io.exists(io.join(run_dir, "filtered", runner.SUCCESS))
+    assert not io.exists(io.join(run_dir, "shards"))

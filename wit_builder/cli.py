@@ -157,8 +157,14 @@ def _cmd_retry_failed(args: argparse.Namespace) -> int:
     ctx = StageContext(run_dir=out, seed=pipeline.run.seed, num_cpus=pipeline.run.num_cpus or (os.cpu_count() or 1),
                        progress=pipeline.run.progress, configs=dict(pipeline.stages))
     result = download.retry_failed(ctx, pipeline.stages["download"])
+    rewritten = result.extra.pop("rewritten_names", [])
     say(result.line("download --retry-failed"))
-    say("note: stages after download are now out of date; rerun `wit-build run ... --from filter`")
+    if rewritten:
+        from wit_builder.runner import refresh_after_retry
+
+        refresh_after_retry(out, result, rewritten)
+        say(f"{len(rewritten)} download shard(s) changed: filter and shards are out of date; "
+            f"`wit-build run {args.pipeline} --out {out}` redoes them")
     return 0
 
 

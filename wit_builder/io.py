@@ -121,7 +121,7 @@ def write_parquet_batches(batches: Iterable[pa.RecordBatch], path: str, schema: 
     with pq.ParquetWriter(inner_tmp, schema, filesystem=fs, compression="zstd") as writer:
         for batch in batches:
             if batch.num_rows:
-                writer.write_table(conform(pa.Table.from_batches([batch]), schema))
+                writer.write_table(conform(pa.Table.from_batches([batch]), schema).select(schema.names))
                 rows += batch.num_rows
     _commit(tmp, path)
     return rows
@@ -146,7 +146,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         raise ValueError(f"table lacks columns {missing}")
     cols = [table.column(n).cast(schema.field(n).type) for n in schema.names]
     extra = [n for n in table.column_names if n not in schema.names]
-    return pa.table(cols + [table.column(n) for n in extra], names=schema.names + extra)
+    fields = [schema.field(n) for n in schema.names] + [table.schema.field(n) for n in extra]
+    return pa.Table.from_arrays(cols + [table.column(n) for n in extra], schema=pa.schema(fields))
 
 
 def part_name(index: int, suffix: str = ".parquet") -> str:

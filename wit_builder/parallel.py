@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -70,12 +71,16 @@ def map_tasks(
     num_cpus: float = 1,
     unit: str = "part",
 ) -> Iterator[tuple[T, R]]:
-    """Run `fn(item)` as Ray tasks (retried on failure); yield (item, result) as they finish."""
+    """Run `fn(item)` as Ray tasks (retried on failure); yield (item, result) as they finish.
+
+    `fn` may be any picklable callable (a `functools.partial` included); it is shipped once.
+    """
     ray = _ray()
     init()
-    remote = ray.remote(fn).options(
-        max_retries=max_retries, retry_exceptions=True, num_cpus=num_cpus
+    remote = ray.remote(_apply).options(
+        max_retries=max_retries, retry_exceptions=True, num_cpus=num_cpus, name=_name_of(fn)
     )
+    fn_ref = ray.put(fn)
     limit = max_in_flight or max(1, cluster_cpus() * 2)
     pending: dict[Any, T] = {}
     queue = list(items)
@@ -83,12 +88,23 @@ def map_tasks(
         while queue or pending:
             while queue and len(pending) < limit:
                 item = queue.pop(0)
-                pending[remote.remote(item)] = item
+                pending[remote.remote(fn_ref, item)] = item
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 item = pending.pop(ref)
                 yield item, ray.get(ref)
                 pbar.update(1)
+
+
+def _name_of(fn: Callable) -> str:
+    """The task name Ray shows (process title `ray::NAME`, dashboard): the wrapped function's."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _apply(fn: Callable[[T], R], item: T) -> R:
+    return fn(item)
 
 
 class _Worker:
@@ -110,16 +126,18 @@ def map_actors(
     progress: bool = True,
     total: int | None = None,
     unit: str = "part",
+    num_gpus: float = 0,
 ) -> Iterator[tuple[T, R]]:
     """Run `setup()` once in each of `num_actors` workers, then `fn(state, item)` per item there.
 
     Yields (item, result) as they finish; at most two items in flight per actor, so `items`
-    may be a lazy stream.
+    may be a lazy stream. `num_gpus` reserves GPUs per actor (Ray hides GPUs from actors
+    that reserve none).
     """
     ray = _ray()
     init()
     n = max(1, num_actors or cluster_cpus())
-    actor_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(_Worker)
+    actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=2, max_task_retries=2)(_Worker)
     actors = [actor_cls.remote(setup, fn) for _ in range(n)]
     try:
         it = iter(items)

@@ -180,6 +180,28 @@ def run_pipeline(
     return results
 
 
+def refresh_after_retry(run_dir: str, download_result: StageResult, rewritten: list[str]) -> None:
+    """After `download --retry-failed` rewrote some shards: record the new download counts and
+    make the next run redo what depends on them (filter features of those shards, the global
+    filter decisions, and the final shards); untouched shards' filter features are kept."""
+    from wit_builder.stages.filter import FEATURES_DIR
+
+    dl_success = io.join(run_dir, OUTPUT_DIR["download"], SUCCESS)
+    if io.exists(dl_success):
+        done = io.read_json(dl_success)
+        result = StageResult.from_json(done["result"])
+        download_result.seconds = result.seconds
+        io.write_json({"fingerprint": done["fingerprint"], "result": download_result.to_json()}, dl_success)
+    filter_dir = io.join(run_dir, OUTPUT_DIR["filter"])
+    if io.exists(filter_dir):
+        for name in rewritten:
+            io.remove(io.join(filter_dir, FEATURES_DIR, f"{name}.parquet"))
+        for path in io.listdir(filter_dir, ".parquet"):
+            io.remove(path)
+        io.remove(io.join(filter_dir, SUCCESS))
+    io.remove(io.join(run_dir, OUTPUT_DIR["shards"]))
+
+
 def _check_inputs_ready(run_dir: str, name: str, fps: dict[str, str]) -> None:
     """A stage needs the stage before it finished, with this pipeline's config, in the run dir."""
     i = STAGE_ORDER.index(name)

@@ -1,0 +1,349 @@
+"""Training data: the shards manifest, split at SAMPLE level over ranks x workers, resumable.
+
+Every sample belongs to exactly one slot, `blake2b(key) mod (world_size * workers)`, so even a
+single shard feeds every rank and an epoch sees each sample exactly once across all ranks. Each
+slot reads every tar of the manifest but only the tar *headers* of other slots' samples (their
+data is seeked over), shuffles its own raw samples with a buffer seeded by (seed, epoch, slot),
+numbers them, and decodes + augments them in its DataLoader worker. The main process re-batches
+the workers' rows into exact per-rank batches and records, per worker, how many of its numbered
+samples went into a batch that was trained on: that is the data position a checkpoint stores.
+A resumed run regenerates the same per-slot streams and skips the consumed prefix before
+decoding, so it neither repeats nor skips a sample.
+
+Tars follow the webdataset layout (`{key}.jpg`, `{key}.txt`, `{key}.json`, members of one
+sample adjacent); a sample that cannot be decoded is skipped with a warning (webdataset's
+warn-and-continue policy for samples); a bad manifest or a missing tar raises `DataError`.
+
+Example:
+    >>> slot_of("0123456789abcdef", 4) in range(4)
+    True
+    >>> is_heldout("0123456789abcdef", 0.0)
+    False
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import signal
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from wit_builder.config import ConfigError
+
+log = logging.getLogger("wit_builder.train")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(ConfigError):
+    """A bad manifest or a missing/unreadable shard: printed without a traceback, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: str
+    shards: list[Shard]
+    total_samples: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _fs(path: str):
+    from wit_builder import io as wio
+
+    return wio.filesystem(path)
+
+
+def load_manifest(path: str, verify_sha256: bool = False) -> Manifest:
+    """Read and check `shards/manifest.json`: fields present, every tar exists with its size.
+
+    Raises DataError with a message naming the problem (never a raw traceback)."""
+    try:
+        fs, inner = _fs(path)
+        with fs.open(inner, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"manifest not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"manifest {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise DataError(f"cannot read manifest {path}: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("tars"), list):
+        raise DataError(f"manifest {path}: expected an object with a 'tars' list")
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    shards = []
+    for i, entry in enumerate(raw["tars"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise DataError(f"manifest {path}: tars[{i}] has no 'path'")
+        for key in ("samples", "bytes"):
+            if not isinstance(entry.get(key), int) or entry[key] < 0:
+                raise DataError(f"manifest {path}: tars[{i}] ({entry['path']}) has no valid {key!r}")
+        rel = entry["path"]
+        url = rel if ("://" in rel or os.path.isabs(rel)) else f"{base}/{rel}"
+        shards.append(Shard(url, entry["samples"], entry["bytes"], str(entry.get("sha256", ""))))
+    if not shards:
+        raise DataError(f"manifest {path}: lists no tars")
+    for shard in shards:
+        sfs, sinner = _fs(shard.url)
+        if not sfs.exists(sinner):
+            raise DataError(f"shard {shard.url} listed in manifest {path} not found")
+        size = sfs.size(sinner)
+        if size != shard.bytes:
+            raise DataError(f"shard {shard.url}: {size} bytes on disk, manifest says {shard.bytes}")
+        if verify_sha256 and shard.sha256:
+            h = hashlib.sha256()
+            with sfs.open(sinner, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != shard.sha256:
+                raise DataError(f"shard {shard.url}: sha256 differs from the manifest")
+    total = sum(s.samples for s in shards)
+    declared = raw.get("total_samples", total)
+    if declared != total:
+        raise DataError(f"manifest {path}: total_samples {declared} != sum over tars {total}")
+    return Manifest(path, shards, total, {k: v for k, v in raw.items() if k != "tars"})
+
+
+def _key_hash(key: str, salt: str = "") -> int:
+    return int.from_bytes(hashlib.blake2b((salt + key).encode(), digest_size=8).digest(), "big")
+
+
+def slot_of(key: str, slots: int) -> int:
+    """The (rank, worker) slot a sample key belongs to: rank * workers + worker."""
+    return _key_hash(key) % slots
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """True for the `fraction` of keys (by hash) kept out of training for retrieval eval."""
+    return fraction > 0 and (_key_hash(key, "holdout\x1f") % 1_000_000) < fraction * 1_000_000
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """`dir/abc.jpg` -> ("dir/abc", "jpg") as webdataset groups members (before the first dot)."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def iter_tar(url: str, want: Callable[[str], bool]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) for the samples of one tar whose key passes `want`; the data of
+    other samples is seeked over, not read."""
+    fs, inner = _fs(url)
+    try:
+        f = fs.open(inner, "rb")
+    except FileNotFoundError:
+        raise DataError(f"shard {url} not found") from None
+    with f, tarfile.open(fileobj=f, mode="r:") as tf:
+        key, parts = None, {}
+        while True:
+            try:
+                member = tf.next()
+            except (tarfile.TarError, OSError) as e:
+                log.warning("shard %s: unreadable after %s (%s); rest of shard skipped", url, key, e)
+                member = None
+            if member is None:
+                break
+            if not member.isfile():
+                continue
+            k, ext = _sample_key(member.name)
+            if k != key:
+                if key is not None and parts:
+                    yield key, parts
+                key, parts = k, {}
+            if want(k):
+                try:
+                    data = tf.extractfile(member)
+                    parts[ext] = data.read() if data else b""
+                    if len(parts[ext]) != member.size:
+                        raise OSError("member data truncated")
+                except (tarfile.TarError, OSError) as e:
+                    log.warning("shard %s: member %s unreadable (%s); rest of shard skipped", url, member.name, e)
+                    parts = {}
+                    break
+            tf.members.clear()  # keep memory flat on big tars
+        if key is not None and parts:
+            yield key, parts
+        if member is None and fs.size(inner) - tf.offset < 1024:  # tarfile ends silently at a cut header
+            log.warning("shard %s: no end-of-archive marker (truncated?); rest of shard skipped", url)
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random(_key_hash("\x1f".join(str(p) for p in parts)))
+
+
+def slot_stream(urls: list[str], slot: int, slots: int, epoch: int, seed: int, buffer: int,
+                holdout: float) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The raw, shuffled, deterministic sample stream of one slot for one epoch."""
+    order = list(urls)
+    _rng(seed, epoch, "shards").shuffle(order)
+    rng = _rng(seed, epoch, slot, "buffer")
+    want = lambda k: slot_of(k, slots) == slot and not is_heldout(k, holdout)  # noqa: E731
+    pool: list[tuple[str, dict[str, bytes]]] = []
+    for url in order:
+        for item in iter_tar(url, want):
+            if not want(item[0]):
+                continue
+            if len(pool) < buffer:
+                pool.append(item)
+                continue
+            i = rng.randrange(len(pool))
+            pool[i], item = item, pool[i]
+            yield item
+    rng.shuffle(pool)
+    yield from pool
+
+
+def decode_sample(parts: dict[str, bytes], transform: Callable, tokenizer: Callable):
+    """(image tensor, token ids) from a sample's raw members; raises ValueError when unusable."""
+    from PIL import Image
+
+    img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if img_ext is None or "txt" not in parts:
+        raise ValueError(f"sample lacks an image or a caption (has {sorted(parts)})")
+    caption = parts["txt"].decode("utf-8")
+    with Image.open(io.BytesIO(parts[img_ext])) as im:
+        image = transform(im.convert("RGB"))
+    return image, tokenizer([caption])[0]
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """Ctrl-C is handled by the main process (it finishes the step and checkpoints)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@dataclass
+class EpochSpec:
+    """Everything a worker needs to rebuild its stream for one epoch of one rank."""
+
+    urls: list[str]
+    rank: int
+    world: int
+    workers: int  # slots per rank (>= 1)
+    epoch: int
+    seed: int
+    buffer: int
+    holdout: float
+    chunk: int
+    start: list[int]  # per worker: numbered samples already consumed (skipped, not decoded)
+
+
+def _make_dataset(spec: EpochSpec, transform: Callable, tokenizer: Callable):
+    import torch
+
+    class SlotDataset(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            w = info.id if info is not None else 0
+            slot = spec.rank * spec.workers + w
+            torch.manual_seed(_key_hash(f"{spec.seed}\x1f{spec.epoch}\x1f{slot}\x1f{spec.start[w]}") % (1 << 62))
+            images, tokens, keys, seqs, bad = [], [], [], [], 0
+            stream = slot_stream(spec.urls, slot, spec.world * spec.workers, spec.epoch, spec.seed,
+                                 spec.buffer, spec.holdout)
+            for seq, (key, parts) in enumerate(stream):
+                if seq < spec.start[w]:
+                    continue
+                try:
+                    image, tok = decode_sample(parts, transform, tokenizer)
+                except Exception as e:  # warn-and-continue for a bad sample
+                    bad += 1
+                    if bad <= 5:
+                        log.warning("sample %s skipped: %s", key, e)
+                    continue
+                images.append(image), tokens.append(tok), keys.append(key), seqs.append(seq)
+                if len(keys) == spec.chunk:
+                    yield _chunk(images, tokens, keys, seqs, w)
+                    images, tokens, keys, seqs = [], [], [], []
+            if keys:
+                yield _chunk(images, tokens, keys, seqs, w)
+
+    return SlotDataset()
+
+
+def _chunk(images, tokens, keys, seqs, worker):
+    import torch
+
+    return {"image": torch.stack(images), "text": torch.stack(tokens), "key": list(keys),
+            "seq": list(seqs), "worker": worker}
+
+
+@dataclass
+class LocalBatch:
+    image: Any  # (n, 3, H, W) float tensor
+    text: Any  # (n, context) long tensor
+    keys: list[str]
+    positions: list[int]  # per worker, after this batch (what a checkpoint stores)
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+
+def epoch_batches(spec: EpochSpec, transform: Callable, tokenizer: Callable, local_batch: int,
+                  num_workers: int, pin_memory: bool = False) -> Iterator[LocalBatch]:
+    """Exact `local_batch`-row batches for this rank and epoch (the last one may be shorter),
+    each with the per-worker data position after it."""
+    import torch
+
+    dataset = _make_dataset(spec, transform, tokenizer)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        worker_init_fn=_ignore_sigint if num_workers else None,
+        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    positions = list(spec.start)
+    pending: list[dict] = []  # chunks with rows not yet batched
+    offset = 0  # rows of pending[0] already used
+    have = 0
+    for chunk in loader:
+        pending.append(chunk)
+        have += len(chunk["key"])
+        while have >= local_batch:
+            batch, offset = _take(pending, offset, local_batch, positions)
+            have -= local_batch
+            yield batch
+    if have:
+        batch, offset = _take(pending, offset, have, positions)
+        yield batch
+
+
+def _take(pending: list[dict], offset: int, n: int, positions: list[int]) -> tuple[LocalBatch, int]:
+    import torch
+
+    images, texts, keys = [], [], []
+    while n:
+        c = pending[0]
+        size = len(c["key"])
+        k = min(n, size - offset)
+        images.append(c["image"][offset : offset + k])
+        texts.append(c["text"][offset : offset + k])
+        keys += c["key"][offset : offset + k]
+        positions[c["worker"]] = c["seq"][offset + k - 1] + 1
+        n -= k
+        offset += k
+        if offset == size:
+            pending.pop(0)
+            offset = 0
+    return LocalBatch(torch.cat(images), torch.cat(texts), keys, list(positions)), offset
+
+
+def iter_samples(manifest: Manifest, heldout: float | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of the manifest in tar order, or (heldout = the holdout fraction) only the
+    samples `is_heldout` keeps out of training."""
+    want = (lambda k: True) if heldout is None else (lambda k: is_heldout(k, heldout))  # noqa: E731
+    for shard in manifest.shards:
+        yield from iter_tar(shard.url, want)
