@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import os
 import threading
@@ -215,15 +217,7 @@ class ImageResizer:
         from img2dataset.resizer import Resizer
 
         self.settings = settings
-        self._resizer = Resizer(
-            image_size=settings.image_size,
-            resize_mode=settings.resize_mode,
-            resize_only_if_bigger=settings.resize_only_if_bigger,
-            upscale_interpolation=settings.upscale_interpolation,
-            downscale_interpolation=settings.downscale_interpolation,
-            encode_quality=settings.encode_quality,
-            encode_format=settings.encode_format,
-        )
+        self._resizer = Resizer(**dataclasses.asdict(settings))  # the same keyword names
 
     def __call__(self, prepared: bytes) -> Resized:
         with _RESIZE_LOCK:

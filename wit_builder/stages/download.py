@@ -35,7 +35,7 @@ import json
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from wit_builder import io, schema
@@ -119,29 +119,16 @@ class Config:
         self.resize_settings()  # validates the resizer keys
 
     def fetch_settings(self) -> FetchSettings:
-        return FetchSettings(
-            timeout=self.timeout,
-            max_bytes=self.max_bytes,
-            max_redirects=self.max_redirects,
-            allow_private_network=self.allow_private_network,
-            allowed_networks=tuple(self.allowed_networks),
-            user_agent=self.user_agent,
-            user_agent_token=self.user_agent_token,
-            disallowed_header_directives=tuple(self.disallowed_header_directives),
-            max_per_domain=self.max_per_domain,
-            verify_tls=self.verify_tls,
-        )
+        return _settings_from(FetchSettings, self)
 
     def resize_settings(self) -> ResizeSettings:
-        return ResizeSettings(
-            image_size=self.image_size,
-            resize_mode=self.resize_mode,
-            resize_only_if_bigger=self.resize_only_if_bigger,
-            upscale_interpolation=self.upscale_interpolation,
-            downscale_interpolation=self.downscale_interpolation,
-            encode_format=self.encode_format,
-            encode_quality=self.encode_quality,
-        )
+        return _settings_from(ResizeSettings, self)
+
+
+def _settings_from(cls: type, cfg: Config):
+    """A settings dataclass filled from the Config keys of the same names (lists as tuples)."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 # -- shard plan --------------------------------------------------------------------------
