@@ -184,3 +184,51 @@ def test_paths_set_on_the_command_line_are_relative_to_the_current_directory(tmp
     assert cfg.eval.zeroshot_dir == str(tmp_path / "zs")
     with pytest.raises(ConfigError, match="zeroshot_dir"):
         load_config(os.path.join(REPO, "pipelines", "train-tiny.toml"), ["eval.zeroshot_dir=missing"])
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "pax", "gnu"])
+def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
+    """Our header parser reads what the standard library writes: long names (pax records, GNU
+    longname, ustar prefix), directories, empty files, sizes across block boundaries."""
+    import io as _io
+    import tarfile
+
+    formats = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
+    long_dir = "d" * 120 if fmt != "ustar" else "d" * 90
+    files = {"a/s1.jpg": b"x" * 511, "a/s1.txt": b"", f"{long_dir}/s2.json": b"{}" * 300,
+             "b/" + "n" * (150 if fmt != "ustar" else 80) + ".txt": b"caption"}
+    path = str(tmp_path / "t.tar")
+    with tarfile.open(path, "w", format=formats[fmt]) as tf:
+        d = tarfile.TarInfo("a")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, _io.BytesIO(data))
+    with open(path, "rb") as f:
+        members = tdata._tar_members(f)
+        got = {}
+        try:
+            while True:
+                name, size, read = next(members)
+                got[name] = read() if not name.endswith(".json") else size  # skip one unread
+        except StopIteration as stop:
+            assert stop.value is True, "the end-of-archive marker is seen"
+    want = {n: (d if not n.endswith(".json") else len(d)) for n, d in files.items()}
+    assert got == want
+
+
+def test_tar_reader_reports_a_bad_header(tmp_path):
+    import tarfile
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tf:
+        info = tarfile.TarInfo("k.txt")
+        info.size = 3
+        tf.addfile(info, __import__("io").BytesIO(b"abc"))
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF  # damage the first header's name: checksum no longer matches
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as f, pytest.raises(tdata._TarError, match="checksum"):
+        next(tdata._tar_members(f))

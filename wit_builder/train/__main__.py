@@ -20,7 +20,15 @@ import sys
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="wit-train", description="Train CLIP on wit-builder shards.")
+    p = argparse.ArgumentParser(
+        prog="wit-train", description="Train CLIP on wit-builder shards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  wit-train --config pipelines/train-tiny.toml --data runs/demo/shards/manifest.json "
+               "--out runs/demo/train-long --set steps=200\n"
+               "  torchrun --nproc-per-node 8 -m wit_builder.train --config pipelines/train-vit-b32.toml "
+               "--data RUN/shards/manifest.json --out RUN/train",
+    )
     p.add_argument("--config", help="trainer TOML (pipelines/train-tiny.toml, ...); defaults when omitted")
     p.add_argument("--data", required=True, help="shards/manifest.json")
     p.add_argument("--out", required=True, help="output folder: logs, checkpoints, eval.jsonl")

@@ -290,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     from wit_builder.train.config import EvalConfig
     from wit_builder.train.data import load_manifest
 
-    p = argparse.ArgumentParser(prog="python -m wit_builder.train.eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m wit_builder.train.eval", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m wit_builder.train.eval --pretrained runs/demo/train "
+               "--zeroshot-dir runs/demo/train/zeroshot --out runs/demo/eval.jsonl",
+    )
     p.add_argument("--pretrained", required=True,
                    help="training --out folder (latest checkpoint), checkpoint folder, or open_clip weights file")
     p.add_argument("--model", default="", help="open_clip architecture name (with a weights file)")
