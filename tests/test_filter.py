@@ -197,3 +197,47 @@ def test_find_duplicates_matches_the_greedy_rule(d):
     assert np.array_equal(got[0], want[0])
     assert np.array_equal(got[1], want[1])
     assert got[1].sum() > 0 or d < 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("max_distance", [-1, 0, 1, 4])
+def test_out_of_core_dedup_equals_the_in_memory_reference(tmp_path, max_distance):
+    """DuckDB's dedup over several feature files (tight memory limit) decides exactly what
+    find_duplicates decides over all rows at once, per-sample reasons and null sha256 included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from wit_builder.filters.dedup_global import duplicate_marks
+
+    rng = np.random.default_rng(max_distance + 10)
+    n = 20_000
+    uids = rng.choice(1 << 40, size=n, replace=False).astype(np.uint64)
+    hex_uids = [f"{int(u):016x}" for u in uids]
+    sha = [None if rng.random() < 0.02 else f"s{rng.integers(0, n // 2)}" for _ in range(n)]
+    base = rng.integers(0, 1 << 63, size=n // 20, dtype=np.uint64)  # clusters of near images
+    flips = [np.uint64(1 << int(b)) for b in rng.integers(0, 64, size=n)]
+    ph = np.array([base[rng.integers(0, len(base))] ^ (flips[i] if rng.random() < 0.5 else np.uint64(0))
+                   for i in range(n)], dtype=np.uint64)
+    reason = [("too_small" if rng.random() < 0.1 else None) for _ in range(n)]
+    paths = []
+    for k, (a, b) in enumerate([(0, 7000), (7000, 7001), (7001, 15000), (15000, n)]):
+        path = str(tmp_path / f"{k:05d}.parquet")
+        pq.write_table(pa.table({"uid": hex_uids[a:b], "reason": reason[a:b], "sha256": sha[a:b],
+                                 "phash": pa.array(ph[a:b], pa.uint64())}), path)
+        paths.append(path)
+    marks = list(duplicate_marks(paths, exact=True, max_distance=max_distance, tmp_dir=str(tmp_path),
+                                 memory_limit="64MB"))
+    assert marks == sorted(marks)
+    got = {uid: r for _, uid, r in marks}
+    eligible = [i for i in range(n) if reason[i] is None]
+    sub_sha = [sha[i] if sha[i] is not None else hex_uids[i] for i in eligible]
+    exact, near = find_duplicates(uids[eligible], sub_sha, ph[eligible], max_distance)
+    want = {hex_uids[i]: "duplicate_exact" for i, e in zip(eligible, exact) if e}
+    want.update({hex_uids[i]: "duplicate_near" for i, e in zip(eligible, near) if e})
+    assert got == want
+    near_count = sum(r == "duplicate_near" for r in want.values())
+    assert near_count == 0 if max_distance < 0 else near_count > 100
+    assert sum(r == "duplicate_exact" for r in want.values()) > 1000
+    files = {uid: fi for fi, uid, _ in marks}
+    for fi, (a, b) in enumerate([(0, 7000), (7000, 7001), (7001, 15000), (15000, n)]):
+        assert all(files[u] == fi for u in hex_uids[a:b] if u in files)

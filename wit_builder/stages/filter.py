@@ -21,7 +21,8 @@ favour of a copy that was itself dropped.
 Three steps: (1) per shard, on Ray actors that load the language model and the CLIP model once
 each: checks + features -> filtered/_features/{shard}.parquet (skipped on rerun when present;
 byte-identical copies are hashed once per worker); (2) one global dedup pass over the features'
-uid/sha256/phash (in memory: ~150 bytes per successful sample); (3) per shard,
+uid/sha256/phash, out of core in DuckDB (`dedup_memory_limit`, spilling under
+filtered/_dedup_tmp; see filters/dedup_global.py); (3) per shard,
 filtered/{shard}.parquet with the feature columns (sha256, phash, lang, lang_prob, clip_score)
 after the required ones. Every file is written atomically.
 
@@ -34,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import tempfile
 import io as _io
 import re
 from collections import Counter
@@ -47,6 +49,7 @@ import pyarrow.compute as pc
 from wit_builder import io, schema
 from wit_builder.config import ConfigError, path_field
 from wit_builder.filters.basic import BasicRules
+from wit_builder.filters.dedup_global import duplicate_marks
 from wit_builder.filters.language import COMMON_WEB_LANGUAGES, is_other_language, known_languages
 from wit_builder.stages.base import StageContext, StageResult
 
@@ -54,7 +57,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SHARD_RE = re.compile(r"^(\d+)\.parquet$")
 FEATURES_DIR = "_features"
 PHASH_CACHE = 200_000  # entries per worker (~100 bytes each)
-DEDUP_COLUMNS = ["uid", "reason", "sha256", "phash"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Config:
     near_dedup_distance: drop images whose 64-bit perceptual hash is within this many bits of a
         kept image with a smaller uid; 0 = identical hashes only; -1 = off (max 16; the
         search costs ~3 s per million distinct hashes up to 4, ~50 s at 6: see filters/dedup.py).
+    dedup_memory_limit: DuckDB's memory limit for the global dedup (it spills beyond it).
     clip_model: open_clip model name (e.g. "ViT-B-32"); empty = no CLIP score.
     clip_checkpoint: local checkpoint file for clip_model (required with it; never downloaded).
     clip_model_config: optional open_clip model-config JSON for a custom architecture.
@@ -94,6 +97,7 @@ class Config:
     language_min_confidence: float = 0.5
     exact_dedup: bool = True
     near_dedup_distance: int = 4
+    dedup_memory_limit: str = "2GB"
     clip_model: str = ""
     clip_checkpoint: str = path_field("")
     clip_model_config: str = path_field("")
@@ -283,28 +287,6 @@ def shard_features(worker: _Worker, job: tuple[str, str, str]) -> int:
     return n
 
 
-# ---------------------------------------------------------------- step 2: global dedup
-
-
-def dedup_reasons(features: pa.Table, cfg: Config) -> pa.Array:
-    """Final drop_reason per row of `features` (all shards concatenated): per-sample reasons,
-    then exact and near duplicates among the rows that passed them, smallest uid winning."""
-    from wit_builder.filters.dedup import find_duplicates
-
-    reasons = features["reason"].to_pylist()
-    eligible = np.flatnonzero(pc.is_null(features["reason"]).to_numpy(zero_copy_only=False))
-    if len(eligible) and (cfg.exact_dedup or cfg.near_dedup_distance >= 0):
-        sub = features.take(pa.array(eligible))
-        uids = np.array([int(u, 16) for u in sub["uid"].to_pylist()], dtype=np.uint64)
-        sha = pc.coalesce(sub["sha256"], sub["uid"]) if cfg.exact_dedup else sub["uid"]  # null sha: unique
-        exact, near = find_duplicates(uids, sha, sub["phash"].to_numpy(zero_copy_only=False), cfg.near_dedup_distance)
-        for j in np.flatnonzero(exact):
-            reasons[eligible[j]] = "duplicate_exact"
-        for j in np.flatnonzero(near):
-            reasons[eligible[j]] = "duplicate_near"
-    return pa.array(reasons, pa.string())
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -382,35 +364,44 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
             num_gpus=cfg.gpus_per_worker,
         ):
             pass
-    # step 2: global dedup over every shard's features (only the columns it needs)
+    # step 2: global dedup, out of core (DuckDB); marks come sorted by shard
     names = [name for name, _, _ in shards]
     feature_paths = [io.join(feat_dir, f"{name}.parquet") for name in names]
-    tables = [io.read_parquet(p, columns=DEDUP_COLUMNS) for p in feature_paths]
-    sizes = [t.num_rows for t in tables]
-    features = pa.concat_tables(tables) if tables else FEATURES.empty_table().select(DEDUP_COLUMNS)
-    del tables
-    reasons = dedup_reasons(features, cfg)
+    tmp = io.join(out_dir, "_dedup_tmp") if io.is_local(out_dir) else tempfile.mkdtemp(prefix="wit-dedup-")
+    io.remove(tmp)
+    io.makedirs(tmp)
+    marks = duplicate_marks(feature_paths, exact=cfg.exact_dedup, max_distance=cfg.near_dedup_distance,
+                            tmp_dir=tmp, memory_limit=cfg.dedup_memory_limit)
+    next_mark = next(marks, None)
     # step 3: per-shard output
     dropped: dict[str, int] = {}
-    offset = 0
-    for name, size, feature_path in zip(names, sizes, feature_paths):
-        part_reasons = reasons.slice(offset, size)
-        offset += size
-        for reason, count in Counter(r for r in part_reasons.to_pylist() if r is not None).items():
+    rows_in = 0
+    for fi, (name, feature_path) in enumerate(zip(names, feature_paths)):
+        shard_marks: dict[str, str] = {}
+        while next_mark is not None and next_mark[0] == fi:
+            shard_marks[next_mark[1]] = next_mark[2]
+            next_mark = next(marks, None)
+        part = io.read_parquet(feature_path)
+        rows_in += part.num_rows
+        part_reasons = [
+            reason if reason is not None else shard_marks.get(uid)
+            for uid, reason in zip(part["uid"].to_pylist(), part["reason"].to_pylist())
+        ]
+        for reason, count in Counter(r for r in part_reasons if r is not None).items():
             dropped[reason] = dropped.get(reason, 0) + count
         out_path = io.join(out_dir, f"{name}.parquet")
         if io.exists(out_path) and not ctx.force:
             continue
-        part = io.read_parquet(feature_path)
         table = pa.table(
             {
-                "key": part["key"], "uid": part["uid"], "shard": part["shard"], "drop_reason": part_reasons,
+                "key": part["key"], "uid": part["uid"], "shard": part["shard"],
+                "drop_reason": pa.array(part_reasons, pa.string()),
                 "sha256": part["sha256"], "phash": part["phash"], "lang": part["lang"],
                 "lang_prob": part["lang_prob"], "clip_score": part["clip_score"],
             }
         )
         io.write_parquet(table, out_path, schema.FILTERED)
-    rows_in = features.num_rows
+    io.remove(tmp)
     kept = rows_in - sum(dropped.values())
     return StageResult(
         rows_in=rows_in, rows_out=kept, dropped=dropped,
