@@ -73,8 +73,9 @@ class Config:
         probability (0..1; 0 = whenever another language wins).
     exact_dedup: drop byte-identical images (sha256), keeping the smallest uid.
     near_dedup_distance: drop images whose 64-bit perceptual hash is within this many bits of a
-        kept image with a smaller uid; 0 = identical hashes only; -1 = off (max 16; the
-        search costs ~3 s per million distinct hashes up to 4, ~50 s at 6: see filters/dedup.py).
+        kept image with a smaller uid; 0 = identical hashes only; -1 = off (max 16). The
+        search grows with the square of the hashes per band bucket: 2M rows at 4 take ~26 s
+        here, 10M at 4 many minutes; use 0-2 for runs of many millions (benchmarks/RESULTS.md).
     dedup_memory_limit: DuckDB's memory limit for the global dedup (it spills beyond it).
     clip_model: open_clip model name (e.g. "ViT-B-32"); empty = no CLIP score.
     clip_checkpoint: local checkpoint file for clip_model (required with it; never downloaded).
