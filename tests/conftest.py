@@ -39,3 +39,14 @@ def static_server(tmp_path_factory):
     server = serve_directory(str(root))
     yield server.base_url, str(root)
     server.stop()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one thread."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

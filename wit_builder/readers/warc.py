@@ -86,11 +86,28 @@ def images_in_html(body: bytes, page_url: str | None, charset: str | None = None
     return out
 
 
+def _in_blocks(rows: Iterator[tuple[str | None, str | None, str | None]], block_rows: int) -> Iterator[pa.Table]:
+    """Group (url, caption, page_url) rows into tables of about `block_rows` rows."""
+    urls, captions, pages = [], [], []
+    for url, caption, page in rows:
+        urls.append(url)
+        captions.append(caption)
+        pages.append(page)
+        if len(urls) >= block_rows:
+            yield _table(urls, captions, pages)
+            urls, captions, pages = [], [], []
+    if urls:
+        yield _table(urls, captions, pages)
+
+
 def read_warc_blocks(path: str, block_rows: int) -> Iterator[pa.Table]:
     """Rows (url, caption, page_url) for every <img> in the HTML responses of a WARC."""
+    return _in_blocks(_warc_rows(path), block_rows)
+
+
+def _warc_rows(path: str) -> Iterator[tuple[str | None, str | None, str | None]]:
     from fastwarc.warc import WarcRecordType
 
-    urls, captions, pages = [], [], []
     for record in _records(path, WarcRecordType.response, parse_http=True):
         http = record.http_headers
         if http is None or http.status_code != 200:
@@ -101,21 +118,17 @@ def read_warc_blocks(path: str, block_rows: int) -> Iterator[pa.Table]:
         page = page_uri(record.headers.get("WARC-Target-URI"))
         body = record.reader.read()
         for src, alt in images_in_html(body, page, record.http_charset):
-            urls.append(src)
-            captions.append(alt)
-            pages.append(page)
-        if len(urls) >= block_rows:
-            yield _table(urls, captions, pages)
-            urls, captions, pages = [], [], []
-    if urls:
-        yield _table(urls, captions, pages)
+            yield src, alt, page
 
 
 def read_wat_blocks(path: str, block_rows: int, counts: dict[str, int]) -> Iterator[pa.Table]:
     """Rows for every `IMG@/src` link of the WAT metadata records (alt may be absent)."""
+    return _in_blocks(_wat_rows(path, counts), block_rows)
+
+
+def _wat_rows(path: str, counts: dict[str, int]) -> Iterator[tuple[str | None, str | None, str | None]]:
     from fastwarc.warc import WarcRecordType
 
-    urls, captions, pages = [], [], []
     for record in _records(path, WarcRecordType.metadata, parse_http=False):
         try:
             meta = json.loads(record.reader.read())
@@ -130,11 +143,4 @@ def read_wat_blocks(path: str, block_rows: int, counts: dict[str, int]) -> Itera
             if not isinstance(link, dict) or link.get("path") != "IMG@/src":
                 continue
             alt = link.get("alt")
-            urls.append(resolve(base, link.get("url")))
-            captions.append(alt.strip() if isinstance(alt, str) else None)
-            pages.append(page)
-        if len(urls) >= block_rows:
-            yield _table(urls, captions, pages)
-            urls, captions, pages = [], [], []
-    if urls:
-        yield _table(urls, captions, pages)
+            yield resolve(base, link.get("url")), alt.strip() if isinstance(alt, str) else None, page
