@@ -184,7 +184,7 @@ def select_part(task: tuple[dict, str, str, str, int]) -> tuple[int, int, np.nda
             yield from table.filter(pa.array(keep)).to_batches()
 
     out_schema = _output_schema(_parquet_schema(src))
-    # io.conform rebuilds columns as nullable, so the writer's schema must be nullable too
+    # extra url-list columns may hold nulls: write every column as nullable
     nullable = pa.schema([f.with_nullable(True) for f in out_schema])
     rows_out = io.write_parquet_batches(batches(), dst, nullable)
     return rows_in, rows_out, attributed_counts
