@@ -308,3 +308,17 @@ def test_big_parquet_split_into_row_group_tasks(tmp_path, ray_session):
     assert split.dropped == whole.dropped and split.dropped["duplicate"] >= 300
     assert t1.sort_by("uid").equals(t2.sort_by("uid"))
     assert max(t2.column("row").to_pylist()) < 5000  # the first occurrence wins across pieces
+
+
+@pytest.mark.timeout(120)
+def test_truncated_gzip_is_a_clear_error_and_an_empty_file_is_zero_rows(tmp_path, ray_session):
+    body = "url,caption\n" + "".join(f"https://a.org/{i}.jpg,a dog number {i}\n" for i in range(20_000))
+    data = gzip.compress(body.encode())
+    (tmp_path / "cut.csv.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=r"cut\.csv\.gz: compressed data is truncated or corrupt"):
+        _run(tmp_path, inputs=[str(tmp_path / "cut.csv.gz")])
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "one.csv").write_text("url,caption\nhttps://a.org/x.jpg,a cat\n")
+    result, table, _ = _run(tmp_path, inputs=[str(tmp_path / n) for n in ("empty.csv", "empty.jsonl", "one.csv")])
+    assert (result.rows_in, result.rows_out) == (1, 1)

@@ -71,3 +71,22 @@ def test_status_and_sql_on_missing_run_dir_exit_2(tmp_path):
     for args in (("status", str(tmp_path / "nope")), ("sql", str(tmp_path / "nope"), "SELECT 1")):
         out = _wit(*args)
         assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_inputs_exit_2_without_a_traceback(tmp_path):
+    cases = []
+    (tmp_path / "section.toml").write_text("balance = 3\n")
+    cases.append((("run", str(tmp_path / "section.toml"), "--out", str(tmp_path / "r")), "[balance] must be a table"))
+    (tmp_path / "latin.toml").write_bytes(b"\xff\xfe")
+    cases.append((("run", str(tmp_path / "latin.toml"), "--out", str(tmp_path / "r")), "not valid TOML"))
+    (tmp_path / "file").write_text("x")
+    cases.append((("run", DEMO, "--out", str(tmp_path / "file")), "is not a directory"))
+    cases.append((("run", DEMO, "--out", str(tmp_path / "r"), "--set", "train.steps=abc"), "[train] key 'steps'"))
+    cases.append((("status", str(tmp_path)), "not a wit-build run directory"))
+    cases.append((("sql", str(tmp_path), "select 1"), "not a wit-build run directory"))
+    cases.append((("sql", str(tmp_path), "select 1", "--max-rows", "-1"), "whole number >= 0"))
+    for args, message in cases:
+        out = _wit(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    assert not (tmp_path / "r").exists(), "no stage may run before the config is valid"

@@ -56,3 +56,27 @@ def test_map_tasks_takes_a_partial(ray_session):
     out = dict(parallel.map_tasks(functools.partial(pow, 2), [1, 3, 5], desc="pow", progress=False))
     assert out == {1: 2, 3: 8, 5: 32}
     assert parallel._name_of(functools.partial(functools.partial(_square), 2)) == "_square"
+
+
+def _config_error_once(path: str) -> str:
+    from wit_builder.config import ConfigError
+
+    with open(path, "a") as f:
+        f.write("x")
+    raise ConfigError(f"bad input {path}")
+
+
+def _bug(x: int) -> int:
+    return {}[x]
+
+
+@pytest.mark.timeout(120)
+def test_task_errors_surface_as_themselves_and_are_not_retried(ray_session, tmp_path):
+    from wit_builder.config import ConfigError
+
+    marker = str(tmp_path / "attempts")
+    with pytest.raises(ConfigError, match="bad input"):
+        list(parallel.map_tasks(_config_error_once, [marker], desc="e", progress=False))
+    assert open(marker).read() == "x", "a deterministic error is not retried"
+    with pytest.raises(RuntimeError, match=r"_bug failed: KeyError"):
+        list(parallel.map_tasks(_bug, [1], desc="e", progress=False))

@@ -30,6 +30,17 @@ VIEWS = {
 }
 
 
+# views whose stage may finish with no files (nothing kept): (stage dir, schema name)
+EMPTY_WHEN_DONE = {
+    "candidates": ("candidates", "CANDIDATES"),
+    "matched": ("matched", "MATCHED"),
+    "selected": ("selected", "SELECTED"),
+    "samples": ("download", "SAMPLES"),
+    "filtered": ("filtered", "FILTERED"),
+    "shards": ("shards", "SHARD_SAMPLES"),
+}
+
+
 def _has_files(pattern: str) -> bool:
     fs, inner = io.filesystem(pattern)
     return bool(fs.glob(inner))
@@ -55,6 +66,11 @@ def connect(run_dir: str) -> Any:
                 f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{_sql_str(pattern)}', union_by_name=true)"
             )
             made.add(view)
+        elif view in EMPTY_WHEN_DONE and io.exists(io.join(run_dir, EMPTY_WHEN_DONE[view][0], "_SUCCESS.json")):
+            from wit_builder import schema
+
+            con.register(view, getattr(schema, EMPTY_WHEN_DONE[view][1]).empty_table())
+            made.add(view)
     if {"samples", "filtered"} <= made:
         con.execute(
             "CREATE VIEW kept AS SELECT s.* FROM samples s JOIN filtered f USING (key) "
@@ -68,7 +84,10 @@ def _sql_str(s: str) -> str:
 
 
 def views(run_dir: str) -> list[str]:
-    con = connect(run_dir)
+    return _view_names(connect(run_dir))
+
+
+def _view_names(con: Any) -> list[str]:
     return [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
 
 
@@ -76,20 +95,23 @@ def query(run_dir: str, sql: str) -> tuple[list[str], list[tuple]]:
     """Run `sql` over the run's views; returns (column names, rows)."""
     import duckdb
 
+    from wit_builder.config import ConfigError
+
     con = connect(run_dir)
     try:
         rel = con.execute(sql)
     except duckdb.Error as e:
-        from wit_builder.config import ConfigError
-
-        have = ", ".join(v for v in VIEWS if _has_files(io.join(run_dir, VIEWS[v])))
+        have = ", ".join(_view_names(con))
         raise ConfigError(f"SQL error: {e}\n(views in this run: {have or 'none yet'})") from None
+    if rel is None:
+        raise ConfigError("empty SQL query")
     cols = [d[0] for d in rel.description] if rel.description else []
     return cols, rel.fetchall()
 
 
 def format_table(cols: list[str], rows: list[tuple], max_rows: int = 50) -> str:
-    """A plain-text table for the terminal."""
+    """A plain-text table for the terminal; `max_rows` 0 = all."""
+    max_rows = max_rows or len(rows)
     shown = [tuple("NULL" if v is None else str(v) for v in r) for r in rows[:max_rows]]
     widths = [max([len(c)] + [min(len(r[i]), 80) for r in shown]) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="DIR")
     p.add_argument("query", metavar="QUERY")
-    p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("--max-rows", type=_non_negative, default=50, help="rows to print (0 = all; default 50)")
 
     p = sub.add_parser("stats", help="write a report (HTML + PNG plots) of a run",
                        description="Stage funnel, drop reasons, query balance, download errors, image and "
@@ -120,6 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """A run directory exists and holds a run (pipeline.json, written when a run starts)."""
+    from wit_builder import io
+    from wit_builder.config import ConfigError
+
+    if not io.exists(run_dir):
+        raise ConfigError(f"run directory not found: {run_dir}")
+    if not io.exists(io.join(run_dir, "pipeline.json")):
+        raise ConfigError(f"{run_dir} is not a wit-build run directory (no pipeline.json)")
+
+
 def _load(pipeline_path: str | None, out: str, overrides: list[str]):
     from wit_builder import io
     from wit_builder.config import ConfigError, load_pipeline
@@ -134,6 +155,8 @@ def _load(pipeline_path: str | None, out: str, overrides: list[str]):
         data = io.read_json(saved)
         return load_pipeline(data["source"], list(data.get("overrides", [])) + overrides), run_dir, \
             list(data.get("overrides", [])) + overrides
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     return load_pipeline(pipeline_path, overrides), out, overrides
 
 
@@ -173,8 +196,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from wit_builder.config import ConfigError
     from wit_builder.runner import stage_states
 
-    if not io.exists(args.run_dir):
-        raise ConfigError(f"run directory not found: {args.run_dir}")
+    _check_run_dir(args.run_dir)
     print(f"run: {args.run_dir}")
     for st in stage_states(args.run_dir):
         if st.result:
@@ -189,6 +211,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_sql(args: argparse.Namespace) -> int:
     from wit_builder.catalog import format_table, query
 
+    _check_run_dir(args.run_dir)
     cols, rows = query(args.run_dir, args.query)
     print(format_table(cols, rows, args.max_rows))
     return 0
@@ -197,6 +220,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from wit_builder.report import write_report
 
+    _check_run_dir(args.run_dir)
     print(write_report(args.run_dir))
     return 0
 
@@ -236,7 +260,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nwit-build: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # an unforeseen failure: one clear line, the traceback on request
+        if os.environ.get("WIT_DEBUG"):
+            raise
+        print(f"wit-build: failed: {type(e).__name__}: {_first_line(e)}\n"
+              "(set WIT_DEBUG=1 for the traceback; rerunning the same command resumes)", file=sys.stderr)
+        return 1
     return 2
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 if __name__ == "__main__":

@@ -217,6 +217,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _copy_tables(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy_tables(v) if isinstance(v, dict) else v for k, v in table.items()}
+
+
 def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bool = True) -> Pipeline:
     """Load and validate a pipeline TOML; raises ConfigError naming the file and key."""
     if not os.path.exists(path):
@@ -224,7 +228,7 @@ def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bo
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for text in overrides or []:
         keys, value = parse_override(text)
@@ -235,9 +239,11 @@ def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bo
                 raise ConfigError(f"--set {text!r}: {k!r} is not a table")
         node[keys[-1]] = value
     known = {"run", "train", *STAGE_ORDER}
-    for section in raw:
+    for section, value in raw.items():
         if section not in known:
             raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sorted(known))})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table, got {value!r}")
     base_dir = os.path.dirname(os.path.abspath(path))
     run = from_dict(RunConfig, raw.get("run", {}), f"{path} [run]")
     stages: dict[str, Any] = {}
@@ -246,6 +252,8 @@ def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bo
         cfg = from_dict(cls, raw.get(name, {}), f"{path} [{name}]")
         stages[name] = resolve_paths(cfg, base_dir, f"{path} [{name}]", check=check_paths)
     train = raw.get("train", {})
-    if not isinstance(train, dict):
-        raise ConfigError(f"{path}: [train] must be a table")
+    if train:  # checked now, so that a bad [train] key fails before any stage runs
+        from wit_builder.train.config import config_from_dict
+
+        config_from_dict(_copy_tables(train), f"{path} [train]", base_dir=base_dir)
     return Pipeline(source=os.path.abspath(path), run=run, stages=stages, train=train)

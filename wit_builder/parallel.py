@@ -37,16 +37,11 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = dict(
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=True)
     if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+    else:  # embedded: quiet (Ray's start-up warnings, e.g. about token auth, mean nothing here)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), logging_level=logging.ERROR, **kwargs)
 
 
 def shutdown() -> None:
@@ -78,7 +73,7 @@ def map_tasks(
     ray = _ray()
     init()
     remote = ray.remote(_apply).options(
-        max_retries=max_retries, retry_exceptions=True, num_cpus=num_cpus, name=_name_of(fn)
+        max_retries=max_retries, retry_exceptions=list(TRANSIENT), num_cpus=num_cpus, name=_name_of(fn)
     )
     fn_ref = ray.put(fn)
     limit = max_in_flight or max(1, cluster_cpus() * 2)
@@ -92,8 +87,27 @@ def map_tasks(
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 item = pending.pop(ref)
-                yield item, ray.get(ref)
+                yield item, _get(ray, ref, _name_of(fn))
                 pbar.update(1)
+
+
+# exceptions worth retrying a task for (I/O hiccups); a crashed or killed worker is retried
+# anyway (`max_retries`), and a deterministic error (bad input, a bug) is not retried
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+def _get(ray, ref, name: str):
+    """ray.get, re-raising a task's ConfigError as itself (a clear message, exit code 2) and any
+    other task error as a RuntimeError naming the task and the cause (remote traceback chained)."""
+    from wit_builder.config import ConfigError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise RuntimeError(f"Ray task {name} failed: {type(cause).__name__}: {cause}") from e
 
 
 def _name_of(fn: Callable) -> str:
@@ -161,7 +175,7 @@ def map_actors(
                 for ref in done:
                     item, a = pending.pop(ref)
                     load[a] -= 1
-                    yield item, ray.get(ref)
+                    yield item, _get(ray, ref, _name_of(fn))
                     pbar.update(1)
     finally:
         for actor in actors:

@@ -24,8 +24,24 @@ TABULAR = ("parquet", "csv", "tsv", "jsonl")
 __all__ = ["FORMATS", "TABULAR", "COMPRESSION_SUFFIXES", "detect_format", "expand_inputs", "columns_of", "read_blocks"]
 
 
-def columns_of(path: str, fmt: str) -> list[str]:
-    """Column names of a url-list file (read from its header / first record only)."""
+def decompression_errors() -> tuple[type[BaseException], ...]:
+    """What reading a truncated or corrupt .gz / .zst input raises."""
+    import gzip
+    import zlib
+
+    errors: tuple[type[BaseException], ...] = (EOFError, zlib.error, gzip.BadGzipFile)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        pass
+    return errors
+
+
+def columns_of(path: str, fmt: str) -> list[str] | None:
+    """Column names of a url-list file (read from its header / first record only); None when
+    the file is empty."""
     from wit_builder.readers import tabular
 
     return tabular.columns_of(path, fmt)

@@ -31,8 +31,9 @@ def _open(path: str):
     return fsspec.open(path, "rb", compression="infer")
 
 
-def columns_of(path: str, fmt: str) -> list[str]:
-    """Column names from the parquet schema, the CSV/TSV header or the first JSON record."""
+def columns_of(path: str, fmt: str) -> list[str] | None:
+    """Column names from the parquet schema, the CSV/TSV header or the first JSON record;
+    None for a CSV/TSV/JSONL file with no content at all."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -41,8 +42,7 @@ def columns_of(path: str, fmt: str) -> list[str]:
     with _open(path) as f:
         text = _io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
         if fmt in ("csv", "tsv"):
-            row = next(csv.reader(text, delimiter="," if fmt == "csv" else "\t"), [])
-            return row
+            return next(csv.reader(text, delimiter="," if fmt == "csv" else "\t"), None)
         for line in text:
             if line.strip():
                 try:
@@ -50,7 +50,7 @@ def columns_of(path: str, fmt: str) -> list[str]:
                 except ValueError:
                     return []
                 return list(record) if isinstance(record, dict) else []
-    return []
+    return None
 
 
 def parquet_row_groups(path: str) -> list[int]:

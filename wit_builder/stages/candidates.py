@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -181,6 +182,17 @@ def read_tasks(plan: list[tuple[str, str]], split_rows: int) -> list[ReadTask]:
     return tasks
 
 
+def _checked(path: str, blocks):
+    """`blocks`, with a truncated or corrupt compressed input turned into a clear error."""
+    from wit_builder import readers
+
+    try:
+        yield from blocks
+    except readers.decompression_errors() as e:
+        raise ConfigError(f"[candidates] {path}: compressed data is truncated or corrupt "
+                          f"({type(e).__name__}: {e})") from None
+
+
 def spill_file(task: tuple[Config, str, ReadTask]) -> dict[str, int]:
     """Read one input file (or piece), clean it and spill rows by uid partition; returns counts
     (`rows_in`, `rows_kept` and one entry per drop reason). Idempotent: a finished piece has
@@ -209,9 +221,9 @@ def spill_file(task: tuple[Config, str, ReadTask]) -> dict[str, int]:
             buffers[p], buffered[p] = [], 0
 
     row_base = rt.first_row
-    blocks = readers.read_blocks(
+    blocks = _checked(path, readers.read_blocks(
         path, fmt, cfg.url_col, cfg.caption_col, cfg.extra_cols, cfg.block_rows, counts, rt.row_groups
-    )
+    ))
     for raw in blocks:
         counts["rows_in"] += raw.num_rows
         order = (np.int64(index) << np.int64(40)) + row_base + np.arange(raw.num_rows, dtype=np.int64)
@@ -328,6 +340,9 @@ def plan_inputs(cfg: Config) -> list[tuple[str, str]]:
                 have = readers.columns_of(path, fmt)
             except Exception as e:  # unreadable header: a config problem with that file
                 raise ConfigError(f"[candidates] cannot read the columns of {path!r}: {e}") from None
+            if have is None:
+                print(f"candidates: {path} is empty (0 rows), skipped", file=sys.stderr)
+                continue
             for key, name in [("url_col", cfg.url_col), ("caption_col", cfg.caption_col)] + [
                 ("extra_cols", c) for c in cfg.extra_cols
             ]:
