@@ -40,7 +40,9 @@ def test_unknown_key_is_named():
     [
         ({"cap": "5"}, "key 'cap': expected an integer"),
         ({"cap": True}, "key 'cap': expected an integer"),
-        ({"ratio": "x"}, "key 'ratio': expected a number"),
+        ({"ratio": "x"}, "key 'ratio': expected a finite number"),
+        ({"ratio": float("nan")}, "key 'ratio': expected a finite number"),
+        ({"ratio": float("inf")}, "key 'ratio': expected a finite number"),
         ({"mode": "fast"}, "key 'mode': must be one of 'strict', 'metaclip'"),
         ({"names": "a"}, "key 'names': expected a list"),
         ({"names": [1]}, r"key 'names'\[0\]: expected a string"),
