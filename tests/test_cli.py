@@ -82,6 +82,8 @@ def test_bad_inputs_exit_2_without_a_traceback(tmp_path):
     (tmp_path / "file").write_text("x")
     cases.append((("run", DEMO, "--out", str(tmp_path / "file")), "is not a directory"))
     cases.append((("run", DEMO, "--out", str(tmp_path / "r"), "--set", "train.steps=abc"), "[train] key 'steps'"))
+    cases.append((("run", DEMO, "--out", str(tmp_path / "r"), "--set", "candidates.inputs=[]"),
+                  "[candidates] inputs: no input files given"))
     cases.append((("status", str(tmp_path)), "not a wit-build run directory"))
     cases.append((("sql", str(tmp_path), "select 1"), "not a wit-build run directory"))
     cases.append((("sql", str(tmp_path), "select 1", "--max-rows", "-1"), "whole number >= 0"))

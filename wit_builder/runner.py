@@ -122,6 +122,10 @@ def run_pipeline(
         if from_stage not in STAGE_ORDER:
             raise ConfigError(f"--from: unknown stage {from_stage!r} (stages: {', '.join(STAGE_ORDER)})")
         selected = [s for s in STAGE_ORDER if STAGE_ORDER.index(s) >= STAGE_ORDER.index(from_stage)]
+    for name in selected:  # cheap input checks of every selected stage, before any work
+        preflight = getattr(stage_module(name), "preflight", None)
+        if preflight is not None:
+            preflight(pipeline.stages[name])
     fps = fingerprints(pipeline)
     save_run_config(pipeline, run_dir, overrides or [])
     configs: dict[str, Any] = dict(pipeline.stages)

@@ -319,17 +319,29 @@ def _schema_with_extras(cfg: Config, pieces) -> "object":
 # ---------------------------------------------------------------------------- the driver
 
 
-def plan_inputs(cfg: Config) -> list[tuple[str, str]]:
-    """(path, format) per input file; raises ConfigError for a missing file, an unknown
-    format or a missing column, naming the file, before any work starts."""
+def input_paths(cfg: Config) -> list[str]:
+    """The input files `inputs` names (globs and directories expanded); ConfigError if none."""
     from wit_builder import readers
 
     if not cfg.inputs:
         raise ConfigError("[candidates] inputs: no input files given")
     try:
-        paths = readers.expand_inputs(cfg.inputs)
+        return readers.expand_inputs(cfg.inputs)
     except FileNotFoundError as e:
         raise ConfigError(f"[candidates] inputs: {e}") from None
+
+
+def preflight(cfg: Config) -> None:
+    """Checks the runner makes before any stage starts: the inputs exist."""
+    input_paths(cfg)
+
+
+def plan_inputs(cfg: Config) -> list[tuple[str, str]]:
+    """(path, format) per input file; raises ConfigError for a missing file, an unknown
+    format or a missing column, naming the file, before any work starts."""
+    from wit_builder import readers
+
+    paths = input_paths(cfg)
     plan = []
     for path in paths:
         fmt = cfg.format if cfg.format != "auto" else readers.detect_format(path)
