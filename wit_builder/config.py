@@ -211,11 +211,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
+    return key.strip().split("."), parse_value(raw)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML (`3`, `"a"`, `[1, 2]`, `true`), else the bare text as a string.
+
+    >>> parse_value("[1, 2]"), parse_value("fast")
+    ([1, 2], 'fast')
+    """
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip().split("."), value
+        return text
+
+
+def set_path(table: dict[str, Any], keys: list[str], value: Any, text: str) -> None:
+    """table[k0][k1]...[kn] = value, creating tables on the way; `text` names the override."""
+    node = table
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {text!r}: {k!r} is not a table")
+    node[keys[-1]] = value
 
 
 def _copy_tables(table: dict[str, Any]) -> dict[str, Any]:
@@ -233,12 +251,7 @@ def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bo
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for text in overrides or []:
         keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {k!r} is not a table")
-        node[keys[-1]] = value
+        set_path(raw, keys, value, text)
     known = {"run", "train", *STAGE_ORDER}
     for section, value in raw.items():
         if section not in known:

@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from wit_builder.config import ConfigError, from_dict, path_field, resolve_paths
+from wit_builder.config import ConfigError, from_dict, parse_value, path_field, resolve_paths, set_path
 
 PATH_KEYS = {"pretrained", "zeroshot_dir", "classnames", "templates", "probe_train_dir", "probe_test_dir",
              "retrieval_manifest"}
@@ -183,19 +183,11 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value")
     key, value_text = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {value_text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = value_text
     keys = [k.strip() for k in key.split(".")]
     if len(keys) > 1 and keys[0] == "train":  # pipeline-style `train.steps=20`
         keys = keys[1:]
     node = raw.setdefault("train", {}) if set(raw) == {"train"} else raw
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {text!r}: {k!r} is not a table")
-    node[keys[-1]] = value
+    set_path(node, keys, parse_value(value_text), text)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -223,10 +215,7 @@ def _absolute_path_override(text: str) -> str:
     key, _, value = text.partition("=")
     if key.strip().rsplit(".", 1)[-1] not in PATH_KEYS:
         return text
-    try:
-        path = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        path = value
+    path = parse_value(value)
     if not isinstance(path, str) or not path or "://" in path or os.path.isabs(path):
         return text
     return f"{key}={json.dumps(os.path.abspath(path))}"
