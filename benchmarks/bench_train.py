@@ -116,7 +116,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="wit-bench-tiny", help="open_clip name; the default is our tiny config")
     p.add_argument("--image-size", type=int, default=32, help="synthetic image side in pixels")
-    p.add_argument("--samples", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=8192, help="fewer make the ratio noisy (windows of a few ms)")
     p.add_argument("--tars", type=int, default=4)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
