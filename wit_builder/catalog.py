@@ -30,14 +30,15 @@ VIEWS = {
 }
 
 
-# views whose stage may finish with no files (nothing kept): (stage dir, schema name)
+# views whose stage may finish with no files (nothing kept) -> the schema.py name of their rows;
+# the stage's directory is the first part of the view's glob
 EMPTY_WHEN_DONE = {
-    "candidates": ("candidates", "CANDIDATES"),
-    "matched": ("matched", "MATCHED"),
-    "selected": ("selected", "SELECTED"),
-    "samples": ("download", "SAMPLES"),
-    "filtered": ("filtered", "FILTERED"),
-    "shards": ("shards", "SHARD_SAMPLES"),
+    "candidates": "CANDIDATES",
+    "matched": "MATCHED",
+    "selected": "SELECTED",
+    "samples": "SAMPLES",
+    "filtered": "FILTERED",
+    "shards": "SHARD_SAMPLES",
 }
 
 
@@ -66,10 +67,10 @@ def connect(run_dir: str) -> Any:
                 f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{_sql_str(pattern)}', union_by_name=true)"
             )
             made.add(view)
-        elif view in EMPTY_WHEN_DONE and io.exists(io.join(run_dir, EMPTY_WHEN_DONE[view][0], "_SUCCESS.json")):
+        elif view in EMPTY_WHEN_DONE and io.exists(io.join(run_dir, rel.split("/", 1)[0], "_SUCCESS.json")):
             from wit_builder import schema
 
-            con.register(view, getattr(schema, EMPTY_WHEN_DONE[view][1]).empty_table())
+            con.register(view, getattr(schema, EMPTY_WHEN_DONE[view]).empty_table())
             made.add(view)
     if {"samples", "filtered"} <= made:
         con.execute(

@@ -192,8 +192,6 @@ def _cmd_retry_failed(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from wit_builder import io
-    from wit_builder.config import ConfigError
     from wit_builder.runner import stage_states
 
     _check_run_dir(args.run_dir)

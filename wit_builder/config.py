@@ -236,10 +236,6 @@ def set_path(table: dict[str, Any], keys: list[str], value: Any, text: str) -> N
     node[keys[-1]] = value
 
 
-def _copy_tables(table: dict[str, Any]) -> dict[str, Any]:
-    return {k: _copy_tables(v) if isinstance(v, dict) else v for k, v in table.items()}
-
-
 def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bool = True) -> Pipeline:
     """Load and validate a pipeline TOML; raises ConfigError naming the file and key."""
     if not os.path.exists(path):
@@ -269,5 +265,5 @@ def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bo
     if train:  # checked now, so that a bad [train] key fails before any stage runs
         from wit_builder.train.config import config_from_dict
 
-        config_from_dict(_copy_tables(train), f"{path} [train]", base_dir=base_dir)
+        config_from_dict(train, f"{path} [train]", base_dir=base_dir)
     return Pipeline(source=os.path.abspath(path), run=run, stages=stages, train=train)

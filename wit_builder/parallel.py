@@ -72,8 +72,9 @@ def map_tasks(
     """
     ray = _ray()
     init()
+    name = _name_of(fn)
     remote = ray.remote(_apply).options(
-        max_retries=max_retries, retry_exceptions=list(TRANSIENT), num_cpus=num_cpus, name=_name_of(fn)
+        max_retries=max_retries, retry_exceptions=list(TRANSIENT), num_cpus=num_cpus, name=name
     )
     fn_ref = ray.put(fn)
     limit = max_in_flight or max(1, cluster_cpus() * 2)
@@ -87,7 +88,7 @@ def map_tasks(
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 item = pending.pop(ref)
-                yield item, _get(ray, ref, _name_of(fn))
+                yield item, _get(ray, ref, name)
                 pbar.update(1)
 
 
@@ -153,6 +154,7 @@ def map_actors(
     n = max(1, num_actors or cluster_cpus())
     actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=2, max_task_retries=2)(_Worker)
     actors = [actor_cls.remote(setup, fn) for _ in range(n)]
+    name = _name_of(fn)
     try:
         it = iter(items)
         pending: dict[Any, tuple[T, int]] = {}
@@ -175,7 +177,7 @@ def map_actors(
                 for ref in done:
                     item, a = pending.pop(ref)
                     load[a] -= 1
-                    yield item, _get(ray, ref, _name_of(fn))
+                    yield item, _get(ray, ref, name)
                     pbar.update(1)
     finally:
         for actor in actors:

@@ -193,8 +193,7 @@ def refresh_after_retry(run_dir: str, download_result: StageResult, rewritten: l
     dl_success = io.join(run_dir, OUTPUT_DIR["download"], SUCCESS)
     if io.exists(dl_success):
         done = io.read_json(dl_success)
-        result = StageResult.from_json(done["result"])
-        download_result.seconds = result.seconds
+        download_result.seconds = done["result"]["seconds"]
         io.write_json({"fingerprint": done["fingerprint"], "result": download_result.to_json()}, dl_success)
     filter_dir = io.join(run_dir, OUTPUT_DIR["filter"])
     if io.exists(filter_dir):

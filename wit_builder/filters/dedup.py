@@ -92,7 +92,7 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return _BYTE_BITS[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1)
 
 
-def _bands(max_distance: int) -> list[tuple[int, int]]:
+def bands(max_distance: int) -> list[tuple[int, int]]:
     """(shift, width) of `max_distance + 1` nearly equal bands covering 64 bits."""
     n = max_distance + 1
     widths = [HASH_BITS // n + (1 if i < HASH_BITS % n else 0) for i in range(n)]
@@ -111,7 +111,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048) -> np.n
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     found: list[np.ndarray] = []
-    for shift, width in _bands(max_distance):
+    for shift, width in bands(max_distance):
         mask = np.uint64((1 << width) - 1)
         keys = (hashes >> np.uint64(shift)) & mask
         order = np.argsort(keys, kind="stable")

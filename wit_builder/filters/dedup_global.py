@@ -30,7 +30,7 @@ import os
 from typing import Iterator
 
 from wit_builder import io
-from wit_builder.filters.dedup import _bands
+from wit_builder.filters.dedup import bands
 
 
 def _connect(paths: list[str], memory_limit: str, tmp_dir: str):
@@ -100,7 +100,7 @@ def _near(con, max_distance: int) -> None:
         return
     con.execute("CREATE TABLE reps AS SELECT phash, min(uid) AS uid FROM rest GROUP BY phash")
     joins = []
-    for shift, width in _bands(max_distance):
+    for shift, width in bands(max_distance):
         band = f"((phash >> {shift}) & {(1 << width) - 1}::UBIGINT)"
         joins.append(f"""
             SELECT a.uid AS ui, b.uid AS uj

@@ -35,14 +35,13 @@ Example:
 from __future__ import annotations
 
 import functools
-import tempfile
 import io as _io
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 

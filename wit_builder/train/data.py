@@ -206,22 +206,15 @@ def _tar_members(f) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
                     name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         start = f.tell()
         if kind in (b"0", b"\0", b"7"):
-            state = {"read": False}
 
-            def read(size=size, state=state) -> bytes:
-                state["read"] = True
+            def read(size=size) -> bytes:
                 data = f.read(size)
                 if len(data) < size:
                     raise _TarError("member data truncated")
                 return data
 
             yield name, size, read
-            if state["read"]:
-                f.seek(padded - size, 1)
-                continue
-        f.seek(start + padded)
-        if padded and f.tell() != start + padded:
-            raise _TarError("cut inside member data")
+        f.seek(start + padded)  # past the data and its padding, read or not
 
 
 _ZERO_BLOCK = bytes(512)
