@@ -10,7 +10,7 @@ NEED_GB ?= 7
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test lint install system-deps bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@bash .ci/check_disk.sh "$(VENV)" $(NEED_GB)
@@ -28,7 +28,12 @@ system-deps:
 demo: install
 	$(VENV)/bin/wit-build demo --out runs/demo
 
-test: install system-deps
+# ruff: lint + format check (the config is in pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install system-deps lint
 	$(PY) -m pytest
 
 clean:

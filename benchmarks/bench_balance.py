@@ -180,13 +180,25 @@ def main() -> None:
         return
     tmp = tempfile.mkdtemp(prefix="bench_balance_")
     try:
-        cmd = [sys.executable, os.path.abspath(__file__), "--generate", tmp, "--rows", str(args.rows),
-               "--queries", str(args.queries), "--cap", str(args.cap)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--generate",
+            tmp,
+            "--rows",
+            str(args.rows),
+            "--queries",
+            str(args.queries),
+            "--cap",
+            str(args.cap),
+        ]
         subprocess.run(cmd, check=True)
         parallel.init(num_cpus=args.cpus)
         time.sleep(2)
-        print(f"idle process tree after Ray start: RSS {_tree_rss(os.getpid()) / 2**30:.2f} GiB, "
-              f"PSS {_tree_pss(os.getpid()) / 2**30:.2f} GiB")
+        print(
+            f"idle process tree after Ray start: RSS {_tree_rss(os.getpid()) / 2**30:.2f} GiB, "
+            f"PSS {_tree_pss(os.getpid()) / 2**30:.2f} GiB"
+        )
         for mode in args.modes.split(","):
             shutil.rmtree(os.path.join(tmp, "selected"), ignore_errors=True)
             ctx = StageContext(run_dir=tmp, seed=0, num_cpus=args.cpus, progress=False)
@@ -196,11 +208,13 @@ def main() -> None:
                 result = balance.run(ctx, cfg)
                 s = time.perf_counter() - t
             peer = float(open(os.path.join(tmp, "peer_seconds")).read())
-            print(f"balance stage, mode={mode}, {args.cpus} CPUs (Ray, from/to parquet): {s:.1f}s "
-                  f"= {args.rows / s:,.0f} rows/s = {s / peer:.2f}x the numpy peer's time; "
-                  f"process tree peak RSS {mem.peak / 2**30:.2f} GiB (PSS {mem.peak_pss / 2**30:.2f} GiB); "
-                  f"kept {result.rows_out:,}; "
-                  f"max attributed/cap {result.extra['max_attributed_over_target']:.4f}")
+            print(
+                f"balance stage, mode={mode}, {args.cpus} CPUs (Ray, from/to parquet): {s:.1f}s "
+                f"= {args.rows / s:,.0f} rows/s = {s / peer:.2f}x the numpy peer's time; "
+                f"process tree peak RSS {mem.peak / 2**30:.2f} GiB (PSS {mem.peak_pss / 2**30:.2f} GiB); "
+                f"kept {result.rows_out:,}; "
+                f"max attributed/cap {result.extra['max_attributed_over_target']:.4f}"
+            )
         parallel.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,20 +225,31 @@ def generate(args) -> None:
     offsets, qids, uids = synth(args.rows, args.queries)
     n_parts = write_parts(os.path.join(args.generate, "matched"), offsets, qids, uids)
     os.makedirs(os.path.join(args.generate, "queries"))
-    q = pa.table({"query_id": pa.array(np.arange(args.queries, dtype=np.int32)),
-                  "text": [f"q{i}" for i in range(args.queries)], "source": ["synthetic"] * args.queries,
-                  "count": pa.nulls(args.queries, pa.int64())})
+    q = pa.table(
+        {
+            "query_id": pa.array(np.arange(args.queries, dtype=np.int32)),
+            "text": [f"q{i}" for i in range(args.queries)],
+            "source": ["synthetic"] * args.queries,
+            "count": pa.nulls(args.queries, pa.int64()),
+        }
+    )
     pq.write_table(q, os.path.join(args.generate, "queries", "queries.parquet"))
     counts = np.bincount(qids)
-    print(f"rows: {args.rows:,} ({len(qids):,} pairs, {int((counts > 0).sum()):,} queries used, "
-          f"{int((counts > args.cap).sum()):,} above cap {args.cap:,}, largest {counts.max():,}); "
-          f"{n_parts} parts written in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"rows: {args.rows:,} ({len(qids):,} pairs, {int((counts > 0).sum()):,} queries used, "
+        f"{int((counts > args.cap).sum()):,} above cap {args.cap:,}, largest {counts.max():,}); "
+        f"{n_parts} parts written in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     with PeakRSS() as mem:
         t = time.perf_counter()
         keep = numpy_metaclip_balance(offsets, qids, float(args.cap))
         peer = time.perf_counter() - t
-    print(f"numpy MetaCLIP-style balance in RAM (1 core, no I/O): {peer:.1f}s, kept {int(keep.sum()):,} "
-          f"(its process peak RSS {mem.peak / 2**30:.2f} GiB with the data in RAM)", flush=True)
+    print(
+        f"numpy MetaCLIP-style balance in RAM (1 core, no I/O): {peer:.1f}s, kept {int(keep.sum()):,} "
+        f"(its process peak RSS {mem.peak / 2**30:.2f} GiB with the data in RAM)",
+        flush=True,
+    )
     with open(os.path.join(args.generate, "peer_seconds"), "w") as f:
         f.write(str(peer))
 

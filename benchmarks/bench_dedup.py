@@ -1,5 +1,6 @@
 """The filter stage's global dedup: out-of-core DuckDB (`filters.dedup_global`) vs the in-memory
-numpy reference (`filters.dedup.find_duplicates` over every row at once), same rows, same rule.
+numpy reference (`find_duplicates` of tests/dedup_reference.py over every row at once), same rows,
+same rule.
 
 Synthetic feature files: N rows in parts of 100k, uids distinct random 64-bit hex, sha256 drawn
 from 4N values (~12% exact duplicates), phash from N/2 cluster centres with 0-1 random bit flips
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # dedup_reference: the in-memory reference
 
 PART = 100_000
 
@@ -42,12 +44,17 @@ def write_parts(folder: str, rows: int, seed: int = 0) -> list[str]:
     for k, a in enumerate(range(0, rows, PART)):
         b = min(rows, a + PART)
         path = os.path.join(folder, f"{k:05d}.parquet")
-        pq.write_table(pa.table({
-            "uid": [f"{int(u):016x}" for u in uids[a:b]],
-            "reason": pa.array(np.where(dropped[a:b], "too_small", None).tolist(), pa.string()),
-            "sha256": [f"{int(s):064x}" for s in sha[a:b]],
-            "phash": pa.array(ph[a:b], pa.uint64()),
-        }), path)
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": [f"{int(u):016x}" for u in uids[a:b]],
+                    "reason": pa.array(np.where(dropped[a:b], "too_small", None).tolist(), pa.string()),
+                    "sha256": [f"{int(s):064x}" for s in sha[a:b]],
+                    "phash": pa.array(ph[a:b], pa.uint64()),
+                }
+            ),
+            path,
+        )
         paths.append(path)
     return paths
 
@@ -56,8 +63,12 @@ def run_duckdb(paths: list[str], distance: int, memory_limit: str, tmp: str, out
     from wit_builder.filters.dedup_global import duplicate_marks
 
     start = time.perf_counter()
-    marks = ((uid, reason) for _, uid, reason in duplicate_marks(paths, exact=True, max_distance=distance,
-                                                                 tmp_dir=tmp, memory_limit=memory_limit))
+    marks = (
+        (uid, reason)
+        for _, uid, reason in duplicate_marks(
+            paths, exact=True, max_distance=distance, tmp_dir=tmp, memory_limit=memory_limit
+        )
+    )
     digest = _digest(marks)  # streamed, as the stage consumes them
     seconds = time.perf_counter() - start
     out.put(("duckdb", seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, digest))
@@ -66,7 +77,7 @@ def run_duckdb(paths: list[str], distance: int, memory_limit: str, tmp: str, out
 def run_in_memory(paths: list[str], distance: int, out: mp.Queue) -> None:
     import pyarrow.compute as pc
 
-    from wit_builder.filters.dedup import find_duplicates
+    from dedup_reference import find_duplicates
 
     start = time.perf_counter()
     table = pa.concat_tables([pq.read_table(p) for p in paths])
@@ -102,8 +113,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-dedup-") as tmp:
         t0 = time.perf_counter()
         paths = write_parts(tmp, args.rows)
-        print(f"{args.rows:,} rows in {len(paths)} parts written in {time.perf_counter() - t0:.1f}s; "
-              f"distance {args.distance}, DuckDB memory_limit {args.memory_limit}")
+        print(
+            f"{args.rows:,} rows in {len(paths)} parts written in {time.perf_counter() - t0:.1f}s; "
+            f"distance {args.distance}, DuckDB memory_limit {args.memory_limit}"
+        )
         results = {}
         for name, target, extra in (("duckdb", run_duckdb, (args.memory_limit, tmp)), ("in-memory", run_in_memory, ())):
             q: mp.Queue = ctx.Queue()

@@ -63,8 +63,10 @@ def make_images(n: int, workers: int) -> str:
     if not photos:
         sys.exit(f"no photos under {PHOTOS}")
     os.makedirs(out, exist_ok=True)
-    jobs = [(photos[i % len(photos)], os.path.join(out, f"{i:06d}.jpg"), 300 + (i * 7919) % 901, 80 + i % 16)
-            for i in range(n)]
+    jobs = [
+        (photos[i % len(photos)], os.path.join(out, f"{i:06d}.jpg"), 300 + (i * 7919) % 901, 80 + i % 16)
+        for i in range(n)
+    ]
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_make_one, jobs, chunksize=16))
     open(os.path.join(out, "DONE"), "w").close()
@@ -128,9 +130,18 @@ def write_inputs(tmp: str, base: str, names: list[str]) -> tuple[str, str]:
     url_list = os.path.join(tmp, "urls.parquet")
     pq.write_table(pa.table({"url": urls, "caption": caps}), url_list)
     uids = [hashlib.blake2b((u + "\x1f" + c).encode(), digest_size=8).hexdigest() for u, c in zip(urls, caps)]
-    sel = pa.table({"uid": uids, "url": urls, "caption": caps, "source_file": ["urls.parquet"] * len(urls),
-                    "page_url": [None] * len(urls), "query_ids": [[0]] * len(urls), "query_id": [0] * len(urls),
-                    "rank": [0.0] * len(urls)})
+    sel = pa.table(
+        {
+            "uid": uids,
+            "url": urls,
+            "caption": caps,
+            "source_file": ["urls.parquet"] * len(urls),
+            "page_url": [None] * len(urls),
+            "query_ids": [[0]] * len(urls),
+            "query_id": [0] * len(urls),
+            "rank": [0.0] * len(urls),
+        }
+    )
     sel_dir = os.path.join(tmp, "selected")
     io.write_parquet(sel, os.path.join(sel_dir, "part-00000.parquet"), schema.SELECTED)
     return url_list, sel_dir
@@ -157,7 +168,8 @@ THEIRS = r"""
 import json, sys, time, glob
 t0 = time.perf_counter()
 from img2dataset import download
-url_list, out, shard_size, threads, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+url_list, out = sys.argv[1], sys.argv[2]
+shard_size, threads, cores = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 extract_exif = sys.argv[6] == "true"
 t1 = time.perf_counter()
 download(url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",
@@ -168,7 +180,8 @@ download(url_list=url_list, input_format="parquet", url_col="url", caption_col="
 t2 = time.perf_counter()
 ok = sum(json.load(open(p))["successes"] for p in glob.glob(out + "/*_stats.json"))
 print(json.dumps({"work_s": t2 - t1, "successes": ok}))
-""" % (OPTOUT,)
+"""
+THEIRS = THEIRS % (OPTOUT,)
 
 
 def _tree(root: int) -> dict[int, tuple[int, int]]:
@@ -229,9 +242,12 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count())
     ap.add_argument("--threads", type=int, default=64, help="fetch threads per process/task")
     ap.add_argument("--shard-size", type=int, default=250)
-    ap.add_argument("--img2dataset-extract-exif", choices=["true", "false"], default="true",
-                    help="img2dataset's own default is true (pure-Python EXIF parsing per image); "
-                         "we do not extract EXIF")
+    ap.add_argument(
+        "--img2dataset-extract-exif",
+        choices=["true", "false"],
+        default="true",
+        help="img2dataset's own default is true (pure-Python EXIF parsing per image); we do not extract EXIF",
+    )
     args = ap.parse_args()
 
     root = make_images(args.images, args.cores)
@@ -251,37 +267,57 @@ def main() -> None:
                     shutil.copytree(sel_dir, os.path.join(out, "selected"))
                     cmd = [sys.executable, "-c", OURS, out, str(args.shard_size), str(args.threads), str(args.cores)]
                 else:
-                    cmd = [sys.executable, "-c", THEIRS, url_list, out, str(args.shard_size), str(args.threads),
-                           str(args.cores), args.img2dataset_extract_exif]
+                    cmd = [
+                        sys.executable,
+                        "-c",
+                        THEIRS,
+                        url_list,
+                        out,
+                        str(args.shard_size),
+                        str(args.threads),
+                        str(args.cores),
+                        args.img2dataset_extract_exif,
+                    ]
                 res = run_measured(cmd, env)
                 res["work_ips"] = res["successes"] / res["work_s"]
                 res["e2e_ips"] = res["successes"] / res["wall_s"]
                 res["cpu_ms_per_img"] = 1000 * res["cpu_s"] / max(res["successes"], 1)
                 results[tool].append(res)
-                print(f"run {r} {tool:12s} ok={res['successes']} work {res['work_ips']:7.1f} img/s "
-                      f"e2e {res['e2e_ips']:7.1f} img/s cpu {res['cpu_ms_per_img']:5.2f} ms/img "
-                      f"peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
+                print(
+                    f"run {r} {tool:12s} ok={res['successes']} work {res['work_ips']:7.1f} img/s "
+                    f"e2e {res['e2e_ips']:7.1f} img/s cpu {res['cpu_ms_per_img']:5.2f} ms/img "
+                    f"peak RSS {res['peak_rss_mb']:6.0f} MB",
+                    flush=True,
+                )
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         nginx.terminate()
         nginx.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {t: {k: statistics.median(r[k] for r in rs) for k in ("work_ips", "e2e_ips", "cpu_ms_per_img", "peak_rss_mb")}
-           for t, rs in results.items()}
+    med = {
+        t: {k: statistics.median(r[k] for r in rs) for k in ("work_ips", "e2e_ips", "cpu_ms_per_img", "peak_rss_mb")}
+        for t, rs in results.items()
+    }
     o, i = med["ours"], med["img2dataset"]
     print()
-    print(f"{args.images} images, {args.cores} cores, {args.threads} threads/process, shard {args.shard_size}, "
-          f"img2dataset extract_exif={args.img2dataset_extract_exif}, median of {args.runs} alternating runs")
+    print(
+        f"{args.images} images, {args.cores} cores, {args.threads} threads/process, shard {args.shard_size}, "
+        f"img2dataset extract_exif={args.img2dataset_extract_exif}, median of {args.runs} alternating runs"
+    )
     print("| tool | work img/s | end-to-end img/s | CPU ms/img (whole process tree) | peak RSS MB |")
     print("|---|---|---|---|---|")
     for t in ("ours", "img2dataset"):
         m = med[t]
-        print(f"| {t} | {m['work_ips']:.1f} | {m['e2e_ips']:.1f} | {m['cpu_ms_per_img']:.2f} | {m['peak_rss_mb']:.0f} |")
-    print(f"ratio ours/img2dataset: work img/s {o['work_ips'] / i['work_ips']:.2f}x, "
-          f"end-to-end img/s {o['e2e_ips'] / i['e2e_ips']:.2f}x, "
-          f"images per CPU-second {i['cpu_ms_per_img'] / o['cpu_ms_per_img']:.2f}x, "
-          f"peak RSS {o['peak_rss_mb'] / i['peak_rss_mb']:.2f}x")
+        print(
+            f"| {t} | {m['work_ips']:.1f} | {m['e2e_ips']:.1f} | {m['cpu_ms_per_img']:.2f} | {m['peak_rss_mb']:.0f} |"
+        )
+    print(
+        f"ratio ours/img2dataset: work img/s {o['work_ips'] / i['work_ips']:.2f}x, "
+        f"end-to-end img/s {o['e2e_ips'] / i['e2e_ips']:.2f}x, "
+        f"images per CPU-second {i['cpu_ms_per_img'] / o['cpu_ms_per_img']:.2f}x, "
+        f"peak RSS {o['peak_rss_mb'] / i['peak_rss_mb']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

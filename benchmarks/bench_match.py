@@ -168,8 +168,10 @@ def bench_single_core(queries, captions, repeat):
     for mode, m in matchers.items():
         offsets, qids = m.match_csr(captions[:20000])
         ratio = rates[mode] / rates["reference"]
-        print(f"  {mode:9s}: {rates[mode]:,.0f} captions/s = {ratio:.2f}x reference "
-              f"({len(qids) / 20000:.1f} distinct matches/caption)")
+        print(
+            f"  {mode:9s}: {rates[mode]:,.0f} captions/s = {ratio:.2f}x reference "
+            f"({len(qids) / 20000:.1f} distinct matches/caption)"
+        )
         rows.append((mode, rates[mode], ratio))
     return rows, rates["reference"]
 
@@ -181,8 +183,14 @@ def bench_stage(queries, captions, n_rows, workers, single_rate_word):
 
     tmp = tempfile.mkdtemp(prefix="bench_match_")
     ctx = StageContext(run_dir=tmp, seed=0, num_cpus=workers, progress=False)
-    qt = pa.table({"query_id": pa.array(range(len(queries)), pa.int32()), "text": queries,
-                   "source": ["bench"] * len(queries), "count": pa.nulls(len(queries), pa.int64())})
+    qt = pa.table(
+        {
+            "query_id": pa.array(range(len(queries)), pa.int32()),
+            "text": queries,
+            "source": ["bench"] * len(queries),
+            "count": pa.nulls(len(queries), pa.int64()),
+        }
+    )
     pq.write_table(qt, os.path.join(tmp, "queries.parquet"))
     os.makedirs(ctx.stage_dir("queries"))
     os.replace(os.path.join(tmp, "queries.parquet"), os.path.join(ctx.stage_dir("queries"), "queries.parquet"))
@@ -194,16 +202,24 @@ def bench_stage(queries, captions, n_rows, workers, single_rate_word):
     for p in range(n_parts):
         idx = np.arange(p * per_part, (p + 1) * per_part) % len(caps)
         c = caps[idx].tolist()
-        t = pa.table({"uid": [f"{i:016x}" for i in range(p * per_part, (p + 1) * per_part)],
-                      "url": ["http://x/y.jpg"] * per_part, "caption": c,
-                      "source_file": ["bench"] * per_part, "page_url": pa.nulls(per_part, pa.string())})
+        t = pa.table(
+            {
+                "uid": [f"{i:016x}" for i in range(p * per_part, (p + 1) * per_part)],
+                "url": ["http://x/y.jpg"] * per_part,
+                "caption": c,
+                "source_file": ["bench"] * per_part,
+                "page_url": pa.nulls(per_part, pa.string()),
+            }
+        )
         pq.write_table(t, os.path.join(cand_dir, f"part-{p:05d}.parquet"))
     parallel.init(num_cpus=workers)
     cfg = match_stage.Config(mode="word", num_workers=workers)
     # warm-up: workers start and build the automaton, then match one part per worker
     import functools
 
-    setup = functools.partial(match_stage.build_matcher, os.path.join(ctx.stage_dir("queries"), "queries.parquet"), "word")
+    setup = functools.partial(
+        match_stage.build_matcher, os.path.join(ctx.stage_dir("queries"), "queries.parquet"), "word"
+    )
     parts = sorted(os.listdir(cand_dir))
     tasks = [(os.path.join(cand_dir, p), os.path.join(tmp, "out", p), cfg.batch_rows) for p in parts]
     ray = parallel._ray()
@@ -219,17 +235,21 @@ def bench_stage(queries, captions, n_rows, workers, single_rate_word):
 
     one = timed(1, tasks[: max(2, len(tasks) // 4)])  # the same code path on a single worker
     many = timed(workers, tasks)
-    print(f"  Ray match_part (read parquet, match, write parquet), word mode, after warm-up:\n"
-          f"    1 worker:  {one:,.0f} captions/s over {max(2, len(tasks) // 4) * per_part:,} captions\n"
-          f"    {workers} workers: {many:,.0f} captions/s over {len(tasks) * per_part:,} captions "
-          f"= {many / one:.2f}x one worker, {many / single_rate_word:.2f}x the Matcher alone on one core")
+    print(
+        f"  Ray match_part (read parquet, match, write parquet), word mode, after warm-up:\n"
+        f"    1 worker:  {one:,.0f} captions/s over {max(2, len(tasks) // 4) * per_part:,} captions\n"
+        f"    {workers} workers: {many:,.0f} captions/s over {len(tasks) * per_part:,} captions "
+        f"= {many / one:.2f}x one worker, {many / single_rate_word:.2f}x the Matcher alone on one core"
+    )
     for a in actors:  # give their CPUs back to the stage run below
         ray.kill(a)
     # the stage end to end (includes actor start-up and automaton builds)
     t = time.perf_counter()
     res = match_stage.run(ctx, cfg)
-    print(f"  match stage run() end to end on {workers} workers: {res.line('match')} "
-          f"(incl. {workers} automaton builds, {time.perf_counter() - t:.1f}s)")
+    print(
+        f"  match stage run() end to end on {workers} workers: {res.line('match')} "
+        f"(incl. {workers} automaton builds, {time.perf_counter() - t:.1f}s)"
+    )
     parallel.shutdown()
 
 

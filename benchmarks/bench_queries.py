@@ -30,8 +30,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from wit_builder.querybuild.ngrams import NgramCounts, count_dumps, count_pages, select_ngrams  # noqa: E402
+from wit_builder.querybuild.dumps import count_dumps  # noqa: E402
 from wit_builder.querybuild.markup import strip_markup  # noqa: E402
+from wit_builder.querybuild.ngrams import NgramCounts, count_pages, select_ngrams  # noqa: E402
 from wit_builder.querybuild.wikidump import iter_pages  # noqa: E402
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "queries", "enwiki_sample.xml.bz2")
@@ -51,8 +52,38 @@ def rss_mb() -> float:
 
 def make_vocab(n: int, rng: np.random.Generator) -> np.ndarray:
     """n distinct pronounceable words: the number i written in base 30 with one syllable per digit."""
-    syll = ["ka", "lo", "mi", "ne", "ru", "ta", "so", "vi", "de", "po", "an", "el", "or", "us", "ix",
-            "ba", "ce", "fu", "ga", "he", "jo", "ki", "ly", "mo", "nu", "pe", "qu", "ri", "sa", "to"]
+    syll = [
+        "ka",
+        "lo",
+        "mi",
+        "ne",
+        "ru",
+        "ta",
+        "so",
+        "vi",
+        "de",
+        "po",
+        "an",
+        "el",
+        "or",
+        "us",
+        "ix",
+        "ba",
+        "ce",
+        "fu",
+        "ga",
+        "he",
+        "jo",
+        "ki",
+        "ly",
+        "mo",
+        "nu",
+        "pe",
+        "qu",
+        "ri",
+        "sa",
+        "to",
+    ]
 
     def word(i: int) -> str:
         out = []
@@ -76,7 +107,7 @@ class SyntheticDump(io.RawIOBase):
         self.rng = np.random.default_rng(seed)
         self.vocab = make_vocab(vocab_size, self.rng)
         ranks = np.arange(1, vocab_size + 1, dtype=np.float64)
-        p = ranks ** -1.07
+        p = ranks**-1.07
         self.cdf = np.cumsum(p / p.sum())
         self.total = total_bytes
         self.produced = 0
@@ -95,8 +126,11 @@ class SyntheticDump(io.RawIOBase):
         w = self._words(int(self.rng.integers(300, 1500))).copy()
         r = self.rng.random(len(w))
         marks = [  # (probability band, transform) -- punctuation and wiki markup around words
-            (0.08, lambda x: x + "."), (0.14, lambda x: x + ","), (0.20, lambda x: "[[" + x + "]]"),
-            (0.215, lambda x: "[[" + x + " page|" + x + "]]"), (0.24, lambda x: "\'\'\'" + x + "\'\'\'"),
+            (0.08, lambda x: x + "."),
+            (0.14, lambda x: x + ","),
+            (0.20, lambda x: "[[" + x + "]]"),
+            (0.215, lambda x: "[[" + x + " page|" + x + "]]"),
+            (0.24, lambda x: "'''" + x + "'''"),
             (0.25, lambda x: x + "<ref>{{cite web|url=http://example.org/x|title=t}}</ref>"),
             (0.254, lambda x: "{{Infobox|name=" + x + "|x={{small|y}}}}\n" + x),
             (0.27, lambda x: x + ".\n\n"),
@@ -110,8 +144,10 @@ class SyntheticDump(io.RawIOBase):
         text = "== Section ==\n" + " ".join(w.tolist())
         text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         title = f"Page {self.page_no}"
-        return (f"<page><title>{title}</title><ns>0</ns><id>{self.page_no}</id><revision>"
-                f'<text xml:space="preserve">{text}</text></revision></page>\n').encode()
+        return (
+            f"<page><title>{title}</title><ns>0</ns><id>{self.page_no}</id><revision>"
+            f'<text xml:space="preserve">{text}</text></revision></page>\n'
+        ).encode()
 
     def readinto(self, b) -> int:  # type: ignore[override]
         while len(self.buf) < len(b) and not self.done:
@@ -160,14 +196,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=1024, help="synthetic dump size in MB (default 1024)")
     ap.add_argument("--spill-keys", type=int, default=4_000_000)
-    ap.add_argument("--workers", type=int, default=1, help="counting processes (CPU figures then cover the main one only)")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="counting processes (CPU figures then cover the main one only)"
+    )
     args = ap.parse_args()
 
     gen_rate = bench_generator(max(8, args.mb // 16))
     sample_rate, bz2_rate, sample_mb = bench_sample()
-    print(f"(all rates are MB of uncompressed XML per CPU-second of this process; the machine is shared, "
-          f"wall rates are printed too)\nreal sample: {sample_mb:.2f} MB XML, parse+strip+count {sample_rate:.2f} MB/s, "
-          f"bz2 decompression {bz2_rate:.1f} MB/s; generator alone {gen_rate:.1f} MB/s", flush=True)
+    print(
+        f"(all rates are MB of uncompressed XML per CPU-second of this process; the machine is shared, "
+        f"wall rates are printed too)\nreal sample: {sample_mb:.2f} MB XML, parse+strip+count {sample_rate:.2f} MB/s, "
+        f"bz2 decompression {bz2_rate:.1f} MB/s; generator alone {gen_rate:.1f} MB/s",
+        flush=True,
+    )
 
     stream = SyntheticDump(args.mb * 1_000_000, seed=0)
     counts = NgramCounts(spill_keys=args.spill_keys)
@@ -184,8 +225,11 @@ def main() -> None:
             last[0] = now
             peak[0] = max(peak[0], rss_mb())
             if now - t0 > 0 and int(now - t0) % 30 < 2:
-                print(f"  {read[0] / 1e6:,.0f} MB, {read[0] / 1e6 / (now - t0):.2f} MB/s, RSS {rss_mb():,.0f} MB, "
-                      f"spills {counts.unigrams.spills}+{counts.bigrams.spills}", flush=True)
+                print(
+                    f"  {read[0] / 1e6:,.0f} MB, {read[0] / 1e6 / (now - t0):.2f} MB/s, RSS {rss_mb():,.0f} MB, "
+                    f"spills {counts.unigrams.spills}+{counts.bigrams.spills}",
+                    flush=True,
+                )
 
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -196,8 +240,10 @@ def main() -> None:
         pool = ParallelCounter(counts, args.workers)
         add = pool.add_wikitext
     else:
+
         def add(text: str) -> None:
             counts.add_text(strip_markup(text))
+
     count_pages(iter_pages(stream, on_read=on_read, name="synthetic"), add, None, stats)
     if pool is not None:
         pool.finish()
@@ -220,17 +266,29 @@ def main() -> None:
     uncompressed_gb = FULL_DUMP_BZ2_GB * FULL_DUMP_RATIO
     est_h = uncompressed_gb * 1000 * (1 / parse_rate + 1 / bz2_rate) / 3600
     est_sample_h = uncompressed_gb * 1000 * (1 / sample_rate + 1 / bz2_rate) / 3600
-    print(f"synthetic dump: {mb:,.0f} MB XML, {stats['pages']:,} pages, {counts.tokens:,} tokens, "
-          f"{uni_seen:,} distinct unigrams, {bi_seen:,} distinct bigrams", flush=True)
-    print(f"end-to-end {e2e:.2f} MB/s CPU ({wall:.2f} MB/s wall); parse+strip+count without the generator "
-          f"{parse_rate:.2f} MB/s (ratio to the real-sample pipeline, the peer: {parse_rate / sample_rate:.2f}x)")
-    print(f"counting {count_s:.0f} s wall / {count_cpu:.0f} s CPU; selection (merge {spills[0]}+{spills[1]} spill runs, PMI) {select_s:.0f} s CPU; "
-          f"kept {len(uni):,} unigrams >= 100, {len(bi):,} bigrams (PMI >= 30 count >= 5); PMI table {table}")
-    print(f"RSS: start {rss0:,.0f} MB, peak {peak[0]:,.0f} MB, growth {peak[0] - rss0:,.0f} MB, "
-          f"after selection {rss_after_select:,.0f} MB ({'under' if peak[0] < 4096 else 'OVER'} 4 GB)")
-    print(f"full English dump estimate (assumed {FULL_DUMP_BZ2_GB:.0f} GB bz2 x {FULL_DUMP_RATIO} = "
-          f"{uncompressed_gb:.0f} GB XML, one process on one free core, bz2 at {bz2_rate:.1f} MB/s in the same thread): "
-          f"{est_h:.1f} h at the synthetic rate, {est_sample_h:.1f} h at the real-sample rate")
+    print(
+        f"synthetic dump: {mb:,.0f} MB XML, {stats['pages']:,} pages, {counts.tokens:,} tokens, "
+        f"{uni_seen:,} distinct unigrams, {bi_seen:,} distinct bigrams",
+        flush=True,
+    )
+    print(
+        f"end-to-end {e2e:.2f} MB/s CPU ({wall:.2f} MB/s wall); parse+strip+count without the generator "
+        f"{parse_rate:.2f} MB/s (ratio to the real-sample pipeline, the peer: {parse_rate / sample_rate:.2f}x)"
+    )
+    print(
+        f"counting {count_s:.0f} s wall / {count_cpu:.0f} s CPU; "
+        f"selection (merge {spills[0]}+{spills[1]} spill runs, PMI) {select_s:.0f} s CPU; "
+        f"kept {len(uni):,} unigrams >= 100, {len(bi):,} bigrams (PMI >= 30 count >= 5); PMI table {table}"
+    )
+    print(
+        f"RSS: start {rss0:,.0f} MB, peak {peak[0]:,.0f} MB, growth {peak[0] - rss0:,.0f} MB, "
+        f"after selection {rss_after_select:,.0f} MB ({'under' if peak[0] < 4096 else 'OVER'} 4 GB)"
+    )
+    print(
+        f"full English dump estimate (assumed {FULL_DUMP_BZ2_GB:.0f} GB bz2 x {FULL_DUMP_RATIO} = "
+        f"{uncompressed_gb:.0f} GB XML, one process on one free core, bz2 at {bz2_rate:.1f} MB/s in the same thread): "
+        f"{est_h:.1f} h at the synthetic rate, {est_sample_h:.1f} h at the real-sample rate"
+    )
 
 
 if __name__ == "__main__":

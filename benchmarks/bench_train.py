@@ -1,7 +1,7 @@
 """Training throughput: our trainer vs `python -m open_clip_train.main`, same shards, model, batch.
 
 Both sides train the same open_clip architecture on the same synthetic webdataset shards (written
-by wit_builder.train.synthetic) with the same global batch, worker count, precision and thread
+by tests/synthetic_shards.py) with the same global batch, worker count, precision and thread
 count, for the same number of epochs. Each side's own per-window step timings (data wait
 included) give samples/s; the median over windows after the first (warm-up) is reported, plus
 the end-to-end wall time of each process. open_clip_train is run through its own `main()` after
@@ -28,10 +28,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # tests/ holds the synthetic-shard writer
 
+from synthetic_shards import write_shards  # noqa: E402
 from wit_builder.train.model import TINY_ARCH  # noqa: E402
-from wit_builder.train.synthetic import write_shards  # noqa: E402
 
 OPEN_CLIP_RUNNER = """
 import json, sys
@@ -45,11 +45,24 @@ main(sys.argv[2:])
 
 def run_ours(args, manifest: str, arch_file: str, work: str) -> dict:
     out = os.path.join(work, "ours")
-    sets = [f"steps=0", f"epochs={args.epochs}", f"batch_size={args.batch}", f"log_every={args.log_every}",
-            f"save_every=0", f"threads={args.threads}", f'precision="{ "fp32" if args.precision == "fp32" else "bf16"}"',
-            f'device="{args.device}"', f"data.workers={args.workers}", f"data.shuffle_buffer={args.buffer}",
-            "data.last_batch=\"drop\"", f'model.name="{args.model}"', "optim.warmup_steps=10", "optim.lr=5e-4",
-            "optim.weight_decay=0.2", "optim.grad_clip=0"]
+    sets = [
+        "steps=0",
+        f"epochs={args.epochs}",
+        f"batch_size={args.batch}",
+        f"log_every={args.log_every}",
+        "save_every=0",
+        f"threads={args.threads}",
+        f'precision="{"fp32" if args.precision == "fp32" else "bf16"}"',
+        f'device="{args.device}"',
+        f"data.workers={args.workers}",
+        f"data.shuffle_buffer={args.buffer}",
+        'data.last_batch="drop"',
+        f'model.name="{args.model}"',
+        "optim.warmup_steps=10",
+        "optim.lr=5e-4",
+        "optim.weight_decay=0.2",
+        "optim.grad_clip=0",
+    ]
     if arch_file:
         sets.append(f"model.arch={_toml_inline(json.load(open(arch_file)))}")
     cmd = [sys.executable, "-m", "wit_builder.train", "--data", manifest, "--out", out, "--no-resume"]
@@ -62,8 +75,12 @@ def run_ours(args, manifest: str, arch_file: str, work: str) -> dict:
         raise SystemExit(f"our trainer failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(x) for x in open(os.path.join(out, "train_log.jsonl"))]
     windows = [r["samples_per_s"] for r in records[1:]] or [r["samples_per_s"] for r in records]
-    return {"samples_per_s": statistics.median(windows), "steps": records[-1]["step"], "wall_s": wall,
-            "data_wait": statistics.median(r["data_wait"] for r in records[1:] or records)}
+    return {
+        "samples_per_s": statistics.median(windows),
+        "steps": records[-1]["step"],
+        "wall_s": wall,
+        "data_wait": statistics.median(r["data_wait"] for r in records[1:] or records),
+    }
 
 
 def run_open_clip(args, manifest: str, arch_file: str, work: str) -> dict:
@@ -72,13 +89,50 @@ def run_open_clip(args, manifest: str, arch_file: str, work: str) -> dict:
     tars = [t["path"] for t in m["tars"]]
     pattern = os.path.join(folder, "{" + f"{tars[0][:-4]}..{tars[-1][:-4]}" + "}.tar")
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
-    cmd = [sys.executable, "-c", OPEN_CLIP_RUNNER, arch_file or "",
-           "--train-data", pattern, "--train-num-samples", str(m["total_samples"]), "--dataset-type", "webdataset",
-           "--batch-size", str(args.batch), "--epochs", str(args.epochs), "--workers", str(args.workers),
-           "--model", args.model, "--precision", precision, "--lr", "5e-4", "--wd", "0.2", "--warmup", "10",
-           "--log-every-n-steps", str(args.log_every), "--save-frequency", "0", "--report-to", "",
-           "--logs", os.path.join(work, "open_clip_logs"), "--name", f"bench-{time.time_ns()}", "--seed", "0",
-           "--local-loss", "--gather-with-grad", "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-c",
+        OPEN_CLIP_RUNNER,
+        arch_file or "",
+        "--train-data",
+        pattern,
+        "--train-num-samples",
+        str(m["total_samples"]),
+        "--dataset-type",
+        "webdataset",
+        "--batch-size",
+        str(args.batch),
+        "--epochs",
+        str(args.epochs),
+        "--workers",
+        str(args.workers),
+        "--model",
+        args.model,
+        "--precision",
+        precision,
+        "--lr",
+        "5e-4",
+        "--wd",
+        "0.2",
+        "--warmup",
+        "10",
+        "--log-every-n-steps",
+        str(args.log_every),
+        "--save-frequency",
+        "0",
+        "--report-to",
+        "",
+        "--logs",
+        os.path.join(work, "open_clip_logs"),
+        "--name",
+        f"bench-{time.time_ns()}",
+        "--seed",
+        "0",
+        "--local-loss",
+        "--gather-with-grad",
+        "--device",
+        args.device,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(args))
     wall = time.perf_counter() - t0
@@ -89,8 +143,12 @@ def run_open_clip(args, manifest: str, arch_file: str, work: str) -> dict:
     avgs = [float(x) for x in re.findall(r"Batch \(t\): ([0-9.]+)", text)]
     windows = [args.batch / a for a in avgs[1:] or avgs]
     steps = [int(x) for x in re.findall(r"\[\s*(\d+)/", text)]
-    return {"samples_per_s": statistics.median(windows), "log_lines": len(avgs), "wall_s": wall,
-            "samples_logged": steps[-1] if steps else None}
+    return {
+        "samples_per_s": statistics.median(windows),
+        "log_lines": len(avgs),
+        "wall_s": wall,
+        "samples_logged": steps[-1] if steps else None,
+    }
 
 
 def _toml_inline(value) -> str:
@@ -141,9 +199,11 @@ def main() -> int:
             theirs.append(run_open_clip(args, manifest, arch_file, work))
     o = statistics.median(r["samples_per_s"] for r in ours)
     t = statistics.median(r["samples_per_s"] for r in theirs)
-    print(f"setup: model={args.model} image={args.image_size}px samples={args.samples} tars={args.tars} "
-          f"batch={args.batch} epochs={args.epochs} workers={args.workers} threads={args.threads} "
-          f"precision={args.precision} device={args.device} repeat={args.repeat}")
+    print(
+        f"setup: model={args.model} image={args.image_size}px samples={args.samples} tars={args.tars} "
+        f"batch={args.batch} epochs={args.epochs} workers={args.workers} threads={args.threads} "
+        f"precision={args.precision} device={args.device} repeat={args.repeat}"
+    )
     for name, runs in (("wit-train", ours), ("open_clip_train", theirs)):
         for r in runs:
             print(f"  {name:<16} {r['samples_per_s']:9.1f} samples/s (median window)  wall {r['wall_s']:6.1f} s  {r}")

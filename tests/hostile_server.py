@@ -1,8 +1,13 @@
 """A hostile HTTP server on 127.0.0.1 for the download tests: good and bad images, bad servers.
 
 Every route and what a correct downloader must make of it (EXPECTED: path -> error reason,
-None = success). Images are generated in memory (small, deterministic); the 20000x20000 PNG
-bomb is built on the fly as a 1-bit PNG (~50 KB compressed, 400 Mpx decoded).
+None = success). Routes outside EXPECTED, for tests with their own settings:
+/huge/{n}.jpg, /huge-chunked/{n}.jpg and /huge-close/{n}.jpg (an n-byte body with a
+Content-Length, chunked, or until close), /trickle-huge.jpg (announces TRICKLE_DECLARED bytes,
+then drips) and /trickle-chunked.jpg (one-byte chunks, dripped).
+
+Images are generated in memory (small, deterministic); the 20000x20000 PNG bomb is built on
+the fly as a 1-bit PNG (~50 KB compressed, 400 Mpx decoded).
 
 Example:
     >>> s = HostileServer(); import urllib.request
@@ -27,6 +32,7 @@ from PIL import Image
 
 BIG_BODY = 3_000_000  # bytes served by /big.jpg; tests cap max_bytes below this
 DRIP_INTERVAL = 0.2  # seconds between bytes of /slow.jpg
+TRICKLE_DECLARED = 150_000_000  # Content-Length announced by /trickle-huge.jpg (drips forever)
 
 
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -42,7 +48,7 @@ def photo(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
     y, x = np.mgrid[0:h, 0:w]
     arr = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, seed % 256)], -1)
     arr = arr + rng.randint(0, 24, arr.shape)
-    arr[h // 4: h // 2, w // 4: w // 2] = rng.randint(0, 256, 3)
+    arr[h // 4 : h // 2, w // 4 : w // 2] = rng.randint(0, 256, 3)
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
 
 
@@ -68,8 +74,11 @@ def build_assets() -> dict[str, tuple[bytes, str, dict[str, str]]]:
     a["/good.webp"] = (_save(photo(3, (200, 150)), "WEBP", quality=90), "image/webp", {})
     a["/good.gif"] = (_save(photo(4, (120, 90)).convert("P"), "GIF"), "image/gif", {})
     a["/gray.jpg"] = (_save(photo(5, (100, 80)).convert("L"), "JPEG"), "image/jpeg", {})
-    a["/cmyk.jpg"] = (_save(Image.new("RGB", (64, 48), (220, 20, 20)).convert("CMYK"), "JPEG", quality=95),
-                      "image/jpeg", {})
+    a["/cmyk.jpg"] = (
+        _save(Image.new("RGB", (64, 48), (220, 20, 20)).convert("CMYK"), "JPEG", quality=95),
+        "image/jpeg",
+        {},
+    )
     g16 = Image.fromarray(np.full((40, 60), 0x8000, np.uint16))
     a["/gray16.png"] = (_save(g16, "PNG"), "image/png", {})
     a["/rgb16.png"] = (_rgb16_png(60, 40, (0xFFFF, 0x8000, 0x0000)), "image/png", {})
@@ -107,27 +116,54 @@ def _rgb16_png(w: int, h: int, rgb: tuple[int, int, int]) -> bytes:
 
 # path -> expected error (None = success) for the static hostile cases
 EXPECTED: dict[str, str | None] = {
-    "/good.jpg": None, "/good.png": None, "/good.webp": None, "/good.gif": None, "/gray.jpg": None,
-    "/cmyk.jpg": None, "/gray16.png": None, "/rgb16.png": None, "/alpha.png": None, "/exif.jpg": None,
-    "/tiny.png": None, "/otherbot-noai.jpg": None, "/redirect/good.jpg": None,
-    "/status/404": "http_404", "/status/500": "http_500", "/slow.jpg": "timeout", "/slow-headers.jpg": "timeout",
-    "/reset": "connection_reset", "/loop/a": "redirect_loop", "/chain/9": "too_many_redirects",
-    "/to-ftp": "bad_scheme", "/to-file": "bad_scheme", "/html.jpg": "not_an_image",
-    "/truncated.jpg": "truncated", "/bomb.png": "too_many_pixels", "/big.jpg": "too_large",
-    "/big-chunked.jpg": "too_large", "/noai.jpg": "optout", "/noimageindex.jpg": "optout",
+    "/good.jpg": None,
+    "/good.png": None,
+    "/good.webp": None,
+    "/good.gif": None,
+    "/gray.jpg": None,
+    "/cmyk.jpg": None,
+    "/gray16.png": None,
+    "/rgb16.png": None,
+    "/alpha.png": None,
+    "/exif.jpg": None,
+    "/tiny.png": None,
+    "/otherbot-noai.jpg": None,
+    "/redirect/good.jpg": None,
+    "/status/404": "http_404",
+    "/status/500": "http_500",
+    "/slow.jpg": "timeout",
+    "/slow-headers.jpg": "timeout",
+    "/reset": "connection_reset",
+    "/loop/a": "redirect_loop",
+    "/chain/9": "too_many_redirects",
+    "/to-ftp": "bad_scheme",
+    "/to-file": "bad_scheme",
+    "/html.jpg": "not_an_image",
+    "/truncated.jpg": "truncated",
+    "/bomb.png": "too_many_pixels",
+    "/big.jpg": "too_large",
+    "/big-chunked.jpg": "too_large",
+    "/noai.jpg": "optout",
+    "/noimageindex.jpg": "optout",
     "/short-body.jpg": "connection_error",
 }
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
 
-    def _send(self, code: int, body: bytes = b"", ctype: str = "text/plain", headers: dict | None = None,
-              length: int | None = None) -> None:
+    def _send(
+        self,
+        code: int,
+        body: bytes = b"",
+        ctype: str = "text/plain",
+        headers: dict | None = None,
+        length: int | None = None,
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -153,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
             if m := re.fullmatch(r"/status/(\d+)", path):
                 return self._send(int(m.group(1)), b"error page")
             if path.startswith("/redirect/"):
-                return self._redirect(path[len("/redirect"):])
+                return self._redirect(path[len("/redirect") :])
             if path == "/loop/a":
                 return self._redirect("/loop/b")
             if path == "/loop/b":
@@ -171,6 +207,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._redirect("http://evil.test/x.jpg")
             if path == "/slow.jpg":
                 return self._drip()
+            if path == "/trickle-huge.jpg":
+                return self._drip(TRICKLE_DECLARED)
+            if path == "/trickle-chunked.jpg":
+                return self._drip_chunked()
+            if m := re.fullmatch(r"/huge(|-chunked|-close)/(\d+)\.jpg", path):
+                return self._huge(m.group(1), int(m.group(2)))
             if path == "/reset":
                 return self._reset()
             if path == "/slow-headers.jpg":
@@ -195,16 +237,41 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True
 
-    def _drip(self) -> None:
+    def _drip(self, declared: int = 100000) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", "100000")
+        self.send_header("Content-Length", str(declared))
         self.end_headers()
         self.wfile.flush()
         body = self.server.assets["/good.jpg"][0]
         for i in range(100000):
-            self.wfile.write(body[i % len(body): i % len(body) + 1])
+            self.wfile.write(body[i % len(body) : i % len(body) + 1])
             time.sleep(DRIP_INTERVAL)
+
+    def _drip_chunked(self) -> None:
+        """A chunked body of one-byte chunks, one every DRIP_INTERVAL, with no end."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        for _ in range(100000):
+            self.wfile.write(b"1\r\n\xff\r\n")
+            time.sleep(DRIP_INTERVAL)
+
+    def _huge(self, framing: str, size: int) -> None:
+        """A `size`-byte JPEG (zero padded), sent with a Content-Length, chunked or until close."""
+        body = self.server.padded(size)
+        if framing == "-chunked":
+            return self._chunked(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if framing == "":
+            self.send_header("Content-Length", str(size))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
 
     def _drip_headers(self) -> None:
         self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
@@ -223,8 +290,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
+        view = memoryview(body)
         for i in range(0, len(body), 65536):
-            part = body[i: i + 65536]
+            part = view[i : i + 65536]
             self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
         self.wfile.write(b"0\r\n\r\n")
         self.close_connection = True
@@ -242,12 +310,21 @@ class _Server(ThreadingHTTPServer):
         self.user_agents: dict[str, str] = {}
         self._lock = threading.Lock()
         self._images: dict[int, bytes] = {}
+        self._padded: dict[int, bytes] = {}
         self.slow_delay = 0.1
         self.base_url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def count(self, path: str) -> None:
         with self._lock:
             self.counts[path] = self.counts.get(path, 0) + 1
+
+    def padded(self, size: int) -> bytes:
+        """/good.jpg zero-padded to `size` bytes, built once per size (so serving allocates little)."""
+        with self._lock:
+            if size not in self._padded:
+                good = self.assets["/good.jpg"][0]
+                self._padded[size] = good + bytes(max(size - len(good), 0))
+            return self._padded[size]
 
     def image(self, i: int) -> bytes:
         with self._lock:
@@ -275,6 +352,10 @@ class HostileServer:
     @property
     def user_agents(self) -> dict[str, str]:
         return self._srv.user_agents
+
+    def padded(self, size: int) -> bytes:
+        """The body /huge*/{size}.jpg serves (built now, so a later request allocates little)."""
+        return self._srv.padded(size)
 
     def set_slow_delay(self, seconds: float) -> None:
         self._srv.slow_delay = seconds

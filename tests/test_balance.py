@@ -137,7 +137,9 @@ def run_balance(tmp_path, name, uids, lists, n_parts, seed=0, **cfg):
 
 
 def _selection(sel):
-    return sorted(zip(sel.column("uid").to_pylist(), sel.column("query_id").to_pylist(), sel.column("rank").to_pylist()))
+    return sorted(
+        zip(sel.column("uid").to_pylist(), sel.column("query_id").to_pylist(), sel.column("rank").to_pylist())
+    )
 
 
 @pytest.mark.timeout(120)

@@ -103,7 +103,7 @@ def test_csv_gz_tsv_zstd_jsonl_and_globs(tmp_path, ray_session):
     with gzip.open(d / "a.csv.gz", "wt", encoding="utf-8") as f:
         f.write('link,alt,w\nhttps://x.org/1.jpg,"a cat, on a mat",10\nhttps://x.org/2.jpg,"two\nlines",20\n')
         f.write("https://x.org/bad.jpg,too,many,fields\n")
-    tsv = "link\talt\tw\nhttps://x.org/3.jpg\ta \"quoted\" dog\t30\nmailto:a@b.c\tmail\t40\n"
+    tsv = 'link\talt\tw\nhttps://x.org/3.jpg\ta "quoted" dog\t30\nmailto:a@b.c\tmail\t40\n'
     (d / "b.tsv.zst").write_bytes(zstandard.ZstdCompressor().compress(tsv.encode()))
     jl = [
         {"link": "https://x.org/4.jpg", "alt": "a bird", "w": 50},
@@ -238,7 +238,9 @@ def test_html_relative_urls_base_and_data_uris():
         (None, "no src"),
         ("https://x.org/dir/c.jpg", None),
     ]
-    based = warc.images_in_html(b'<head><base href="https://cdn.org/s/"></head><img src="a.jpg" alt="x">', "https://x.org/")
+    based = warc.images_in_html(
+        b'<head><base href="https://cdn.org/s/"></head><img src="a.jpg" alt="x">', "https://x.org/"
+    )
     assert based == [("https://cdn.org/s/a.jpg", "x")]
 
 
@@ -322,3 +324,32 @@ def test_truncated_gzip_is_a_clear_error_and_an_empty_file_is_zero_rows(tmp_path
     (tmp_path / "one.csv").write_text("url,caption\nhttps://a.org/x.jpg,a cat\n")
     result, table, _ = _run(tmp_path, inputs=[str(tmp_path / n) for n in ("empty.csv", "empty.jsonl", "one.csv")])
     assert (result.rows_in, result.rows_out) == (1, 1)
+
+
+def test_corrupt_parquet_page_is_a_config_error_naming_the_file(tmp_path, ray_session):
+    rows = {
+        "url": [f"https://a.org/{i}.jpg" for i in range(5000)],
+        "caption": [f"a cat number {i}" for i in range(5000)],
+    }
+    pq.write_table(pa.table(rows), tmp_path / "good.parquet", compression="snappy")
+    data = bytearray((tmp_path / "good.parquet").read_bytes())
+    for i in range(200, 260):  # inside the first data page; the footer stays readable
+        data[i] ^= 0x5A
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"bad\.parquet: unreadable .*fix or remove the file"):
+        _run(tmp_path, inputs=[str(tmp_path / "bad.parquet")])
+
+
+def test_urls_are_trimmed_not_dropped(tmp_path, ray_session):
+    (tmp_path / "urls.jsonl").write_text(
+        json.dumps({"url": "  https://a.org/x.jpg\n", "caption": "a cat"})
+        + "\n"
+        + json.dumps({"url": "\thttps://a.org/y.jpg ", "caption": "a dog"})
+        + "\n"
+        + json.dumps({"url": "https://a.org/x.jpg", "caption": "a cat"})
+        + "\n"  # the same pair, untrimmed
+    )
+    result, table, _ = _run(tmp_path, inputs=[str(tmp_path / "urls.jsonl")])
+    assert sorted(table.column("url").to_pylist()) == ["https://a.org/x.jpg", "https://a.org/y.jpg"]
+    assert result.dropped.get("bad_scheme", 0) == 0 and result.dropped["duplicate"] == 1
+    assert uid("https://a.org/x.jpg", "a cat") in table.column("uid").to_pylist()

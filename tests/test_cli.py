@@ -14,23 +14,41 @@ DEMO = os.path.join(REPO, "pipelines", "demo.toml")
 
 
 def _wit(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wit_builder.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "wit_builder.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def test_help_imports_neither_torch_nor_ray():
-    code = ("import sys; from wit_builder import cli\n"
-            "try:\n    cli.main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
-            "from wit_builder.config import load_pipeline; load_pipeline(%r, check_paths=False)\n"
-            "bad = [m for m in ('torch', 'ray', 'open_clip') if m in sys.modules]\n"
-            "assert not bad, bad" % DEMO)
+    code = (
+        "import sys; from wit_builder import cli\n"
+        "try:\n    cli.main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+        f"from wit_builder.pipeline import load_pipeline; load_pipeline({DEMO!r}, check_paths=False)\n"
+        "bad = [m for m in ('torch', 'ray', 'open_clip') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "--ray-address" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["run", "queries", "candidates", "match", "balance", "download", "filter",
-                                     "shards", "status", "sql", "stats", "demo"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "run",
+        "queries",
+        "candidates",
+        "match",
+        "balance",
+        "download",
+        "filter",
+        "shards",
+        "status",
+        "sql",
+        "stats",
+        "demo",
+    ],
+)
 def test_every_command_has_help_with_an_example(command):
     out = _wit(command, "--help")
     assert out.returncode == 0
@@ -39,7 +57,9 @@ def test_every_command_has_help_with_an_example(command):
 
 def _demo_text() -> str:
     """demo.toml with its relative input paths made absolute, to copy elsewhere."""
-    return open(DEMO).read().replace('"../demo/', '"' + os.path.join(os.path.dirname(os.path.dirname(DEMO)), "demo") + "/")
+    return (
+        open(DEMO).read().replace('"../demo/', '"' + os.path.join(os.path.dirname(os.path.dirname(DEMO)), "demo") + "/")
+    )
 
 
 def test_unknown_key_exits_2_naming_key_and_file(tmp_path):
@@ -82,8 +102,12 @@ def test_bad_inputs_exit_2_without_a_traceback(tmp_path):
     (tmp_path / "file").write_text("x")
     cases.append((("run", DEMO, "--out", str(tmp_path / "file")), "is not a directory"))
     cases.append((("run", DEMO, "--out", str(tmp_path / "r"), "--set", "train.steps=abc"), "[train] key 'steps'"))
-    cases.append((("run", DEMO, "--out", str(tmp_path / "r"), "--set", "candidates.inputs=[]"),
-                  "[candidates] inputs: no input files given"))
+    cases.append(
+        (
+            ("run", DEMO, "--out", str(tmp_path / "r"), "--set", "candidates.inputs=[]"),
+            "[candidates] inputs: no input files given",
+        )
+    )
     cases.append((("status", str(tmp_path)), "not a wit-build run directory"))
     cases.append((("sql", str(tmp_path), "select 1"), "not a wit-build run directory"))
     cases.append((("sql", str(tmp_path), "select 1", "--max-rows", "-1"), "whole number >= 0"))
@@ -92,3 +116,24 @@ def test_bad_inputs_exit_2_without_a_traceback(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
     assert not (tmp_path / "r").exists(), "no stage may run before the config is valid"
+
+
+def test_status_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`wit-build status DIR | head -1`: no traceback when the reader goes away."""
+    from wit_builder import io
+    from wit_builder.stages.base import StageResult
+
+    run = tmp_path / "run"
+    io.write_json({"source": DEMO, "overrides": []}, str(run / "pipeline.json"))
+    for d in ("queries", "candidates", "matched", "selected", "download", "filtered", "shards"):
+        io.write_json({"fingerprint": "f", "result": StageResult(1, 1).to_json()}, str(run / d / "_SUCCESS.json"))
+    out = subprocess.run(
+        f"set -o pipefail; {sys.executable} -m wit_builder.cli status {run} | true",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        executable="/bin/bash",
+    )
+    assert out.stderr == "" and out.returncode == 141, out.stderr  # as `cat` killed by SIGPIPE

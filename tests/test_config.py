@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -21,7 +21,7 @@ class Example:
     ratio: float = 1.0
     mode: Literal["strict", "metaclip"] = "strict"
     names: list[str] = field(default_factory=list)
-    label: Optional[str] = None
+    label: str | None = None
     inner: Inner = field(default_factory=Inner)
     inputs: list[str] = path_field([])
 

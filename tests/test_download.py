@@ -17,7 +17,7 @@ from hostile_server import EXPECTED, HostileServer
 from wit_builder import io, schema
 from wit_builder.stages import download
 from wit_builder.stages.base import StageContext
-from wit_builder.tarwriter import read_tar
+from wit_builder.tario import read_tar
 
 
 @pytest.fixture(scope="session")
@@ -36,19 +36,38 @@ def make_selection(run_dir: str, urls: list[str], parts: int = 2) -> list[dict]:
     rows = []
     for i, url in enumerate(urls):
         caption = f"caption {i} for {url.rsplit('/', 1)[-1]}"
-        rows.append(dict(uid=uid_of(url, caption), url=url, caption=caption, source_file="test.parquet",
-                         page_url=None, query_ids=[i % 3, 7], query_id=i % 3, rank=0.5))
+        rows.append(
+            dict(
+                uid=uid_of(url, caption),
+                url=url,
+                caption=caption,
+                source_file="test.parquet",
+                page_url=None,
+                query_ids=[i % 3, 7],
+                query_id=i % 3,
+                rank=0.5,
+                query_text=f"query {i % 3}",
+            )
+        )
     per = -(-len(rows) // parts)
     for p in range(parts):
-        chunk = rows[p * per:(p + 1) * per]
-        io.write_parquet(pa.Table.from_pylist(chunk, schema=schema.SELECTED),
-                         io.join(run_dir, "selected", io.part_name(p)))
+        chunk = rows[p * per : (p + 1) * per]
+        io.write_parquet(
+            pa.Table.from_pylist(chunk, schema=schema.SELECTED), io.join(run_dir, "selected", io.part_name(p))
+        )
     return rows
 
 
 def cfg(**kw) -> download.Config:
-    opts = dict(shard_size=7, threads_per_task=4, timeout=1.0, max_bytes=1_000_000, image_size=64,
-                allow_private_network=True, retry_backoff=0.1)
+    opts = dict(
+        shard_size=7,
+        threads_per_task=4,
+        timeout=1.0,
+        max_bytes=1_000_000,
+        image_size=64,
+        allow_private_network=True,
+        retry_backoff=0.1,
+    )
     opts.update(kw)
     return download.Config(**opts)
 
@@ -92,15 +111,14 @@ def test_hostile_run_accounts_for_every_sample(ray_session, hostile, tmp_path):
     n_shards = -(-len(rows) // 7)
     for k in range(n_shards):
         shard = f"{k:05d}"
-        assert io.exists(io.join(d, f"{shard}_stats.json"))
+        assert io.exists(io.join(d, "_parts", "download", f"{shard}.json"))  # the shard's marker
         meta = io.read_parquet(io.join(d, f"{shard}.parquet")).to_pylist()
         assert [m["key"] for m in meta] == sorted(m["key"] for m in meta)
         with tarfile.open(io.join(d, f"{shard}.tar")) as tar:
             members = tar.getmembers()
         names = [m.name for m in members]
         assert names == sorted(names)
-        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mode == 0o644
-                   for m in members)
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mode == 0o644 for m in members)
         ok = {m["key"]: m for m in meta if m["status"] == "success"}
         assert names == sorted(f"{k}.{ext}" for k in ok for ext in ("jpg", "json", "txt"))
         for name, data in read_tar(io.join(d, f"{shard}.tar")):
@@ -115,7 +133,7 @@ def test_rerun_skips_done_shards_and_output_is_partition_independent(ray_session
     make_selection(a, urls, parts=1)
     make_selection(b, urls, parts=4)
     res_a = download.run(StageContext(run_dir=a, progress=False), cfg())
-    res_b = download.run(StageContext(run_dir=b, progress=False), cfg())
+    download.run(StageContext(run_dir=b, progress=False), cfg())
     assert outputs(a) == outputs(b)  # same rows in the same order -> byte-identical shards
     assert res_a.rows_out == 20 and res_a.dropped == {"http_404": 1}
     before = hostile.counts.get("/img/3.jpg", 0)
@@ -127,9 +145,11 @@ def test_rerun_skips_done_shards_and_output_is_partition_independent(ray_session
 
 def test_retry_failed_recovers_transient_failures_only(ray_session, hostile, tmp_path):
     run_dir = str(tmp_path)
-    urls = ([hostile.url(f"/img/{100 + i}.jpg") for i in range(5)]
-            + [hostile.url(f"/flaky/1/{200 + i}.jpg") for i in range(4)]
-            + [hostile.url("/status/404"), hostile.url("/html.jpg")])
+    urls = (
+        [hostile.url(f"/img/{100 + i}.jpg") for i in range(5)]
+        + [hostile.url(f"/flaky/1/{200 + i}.jpg") for i in range(4)]
+        + [hostile.url("/status/404"), hostile.url("/html.jpg")]
+    )
     make_selection(run_dir, urls, parts=1)
     ctx = StageContext(run_dir=run_dir, progress=False)
     first = download.run(ctx, cfg(shard_size=6))
@@ -146,8 +166,9 @@ def test_retry_failed_recovers_transient_failures_only(ray_session, hostile, tmp
     assert len(after) == 9 * 3
     assert hostile.counts["/status/404"] == fetched_404  # permanent failures are not re-fetched
     samples = all_samples(run_dir).to_pylist()
-    assert sorted(s["uid"] for s in samples) == sorted(uid_of(u, f"caption {i} for {u.rsplit('/', 1)[-1]}")
-                                                       for i, u in enumerate(urls))
+    assert sorted(s["uid"] for s in samples) == sorted(
+        uid_of(u, f"caption {i} for {u.rsplit('/', 1)[-1]}") for i, u in enumerate(urls)
+    )
     # a second retry finds nothing transient left
     again = download.retry_failed(ctx, cfg(shard_size=6))
     assert again.extra["shards_retried"] == 0 and again.rows_out == 9
@@ -164,7 +185,7 @@ def _busy_ray_workers() -> list[int]:
                 cmd = f.read().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        if cmd.startswith("ray::") and "IDLE" not in cmd and "ray::" + "_guarded" in cmd:
+        if cmd.startswith("ray::") and "IDLE" not in cmd and "ray::" + "download_shard" in cmd:
             pids.append(int(pid))
     return pids
 

@@ -50,14 +50,19 @@ def test_sigkill_mid_download_then_rerun_equals_uninterrupted(ray_session, slow_
 
     env = dict(os.environ, PYTHONPATH=REPO, NO_ALBUMENTATIONS_UPDATE="1", RAY_USAGE_STATS_ENABLED="0")
     script = RUN_IN_SUBPROCESS.format(tests=os.path.join(REPO, "tests"))
-    proc = subprocess.Popen([sys.executable, "-c", script, crashed], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, crashed],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     out_dir = io.join(crashed, "download")
     done_at_kill = 0
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
-            done_at_kill = len(io.listdir(out_dir, "_stats.json"))
+            done_at_kill = len(io.listdir(io.join(out_dir, "_parts", "download"), ".json"))
             if done_at_kill >= 1:
                 break
             time.sleep(0.05)

@@ -10,10 +10,9 @@ import tarfile
 
 import pytest
 
-from wit_builder import io
 from wit_builder.catalog import query
-from wit_builder.config import load_pipeline
 from wit_builder.demo import REPO, prepare_site, start_server, url_rows, write_url_list
+from wit_builder.pipeline import load_pipeline
 from wit_builder.runner import run_pipeline, stage_states
 
 DEMO = os.path.join(REPO, "pipelines", "demo.toml")
@@ -34,7 +33,9 @@ def demo_run(tmp_path_factory, ray_session):
         results = run_pipeline(pipeline, out, overrides=sets)
         first_manifest = open(os.path.join(out, "shards", "manifest.json"), "rb").read()
         reran: list[str] = []
-        run_pipeline(pipeline, out, overrides=sets, on_result=lambda n, r, skipped: reran.append(n) if not skipped else None)
+        run_pipeline(
+            pipeline, out, overrides=sets, on_result=lambda n, r, skipped: reran.append(n) if not skipped else None
+        )
     finally:
         server.stop()
     yield out, results, first_manifest, reran
@@ -62,7 +63,7 @@ def test_every_stage_accounts_for_every_row(demo_run):
 def test_sql_manifest_and_tars_agree(demo_run):
     out = demo_run[0]
     manifest = json.load(open(os.path.join(out, "shards", "manifest.json")))
-    (sql_count,), = query(out, "SELECT count(*) FROM shards")[1]
+    ((sql_count,),) = query(out, "SELECT count(*) FROM shards")[1]
     in_tars = 0
     for entry in manifest["tars"]:
         with tarfile.open(os.path.join(out, "shards", entry["path"])) as tf:
@@ -70,8 +71,9 @@ def test_sql_manifest_and_tars_agree(demo_run):
         assert len(keys) == entry["samples"]
         in_tars += len(keys)
     assert sql_count == manifest["total_samples"] == in_tars > 0
-    (over_cap,), = query(out, "SELECT count(*) FROM (SELECT query_id, count(*) n FROM shards GROUP BY 1) "
-                              "WHERE n > 5")[1]
+    ((over_cap,),) = query(
+        out, "SELECT count(*) FROM (SELECT query_id, count(*) n FROM shards GROUP BY 1) WHERE n > 5"
+    )[1]
     assert over_cap == 0
 
 
@@ -86,16 +88,31 @@ def test_rerun_redoes_nothing_and_manifest_is_byte_identical(demo_run):
 @pytest.mark.timeout(120)
 def test_status_and_sql_commands(demo_run):
     out = demo_run[0]
-    status = subprocess.run([sys.executable, "-m", "wit_builder.cli", "status", out], capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "wit_builder.cli", "status", out], capture_output=True, text=True, timeout=60
+    )
     assert status.returncode == 0
     assert status.stdout.count(" done ") == 7
-    sql = subprocess.run([sys.executable, "-m", "wit_builder.cli", "sql", out,
-                          "SELECT status, count(*) n FROM samples GROUP BY 1 ORDER BY 1"],
-                         capture_output=True, text=True, timeout=60)
+    sql = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wit_builder.cli",
+            "sql",
+            out,
+            "SELECT status, count(*) n FROM samples GROUP BY 1 ORDER BY 1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sql.returncode == 0 and "success" in sql.stdout and "failed" in sql.stdout
-    bad = subprocess.run([sys.executable, "-m", "wit_builder.cli", "sql", out, "SELECT nope FROM shards"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "wit_builder.cli", "sql", out, "SELECT nope FROM shards"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hostile_server import DRIP_INTERVAL, EXPECTED, HostileServer
+from hostile_server import DRIP_INTERVAL, EXPECTED, TRICKLE_DECLARED, HostileServer
 from wit_builder.fetch import Fetcher, FetchSettings, is_transient
 from wit_builder.resize import ImageResizer, ResizeSettings
 from wit_builder.stages.download import _fetch_one
@@ -44,7 +45,8 @@ def test_hostile_case_gives_expected_reason(hostile, path):
     out, err = _download(hostile, path)
     assert err == EXPECTED[path]
     if err is None:
-        assert Image.open(io.BytesIO(out.data)).format == "JPEG"
+        stored = Image.open(io.BytesIO(out.data))
+        assert (stored.format, stored.mode) == ("JPEG", "RGB")  # grey sources too (issue 10)
         assert max(out.width, out.height) >= 1
 
 
@@ -58,6 +60,37 @@ def test_deadline_is_total_not_per_read(hostile, path):
     elapsed = time.monotonic() - t
     assert res.error == "timeout" and res.data is None
     assert elapsed < DEADLINE + 1.0  # the drip would go on for hours
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", ["/trickle-huge.jpg", "/trickle-chunked.jpg"])
+def test_raised_cap_body_still_cut_at_the_total_deadline(hostile, path):
+    # issue 10: with a 200 MB cap the announced 150 MB (or endless chunked) body is allowed, so
+    # only the total deadline stops a server that drips it forever
+    assert TRICKLE_DECLARED < 200_000_000
+    t = time.monotonic()
+    res = _fetcher(max_bytes=200_000_000).fetch(hostile.url(path))
+    elapsed = time.monotonic() - t
+    assert res.error == "timeout" and res.data is None
+    assert DEADLINE - 0.05 <= elapsed < DEADLINE + 0.5
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("framing", ["", "-chunked", "-close"])
+def test_body_is_held_once(hostile, framing):
+    # issue 10: the body was a list of chunks plus their b"".join copy (2x its size at peak)
+    size = 20_000_000
+    want = hostile.padded(size)  # built before tracing, like the fetcher's warm-up below
+    f = _fetcher(max_bytes=200_000_000, timeout=30.0)
+    assert f.fetch(hostile.url("/good.jpg")).error is None
+    tracemalloc.start()
+    try:
+        res = f.fetch(hostile.url(f"/huge{framing}/{size}.jpg"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.error is None and res.data == want and type(res.data) is bytes
+    assert peak < 1.2 * size, f"peak {peak / size:.2f}x the body"
 
 
 def _pixels(out) -> np.ndarray:

@@ -7,10 +7,11 @@ import os
 import numpy as np
 import pytest
 
+from dedup_reference import find_duplicates, hamming
 from fake_download import FakeSample, jpeg_bytes, synthetic_image, synthetic_jpeg, write_run
 from wit_builder import io, schema
 from wit_builder.config import ConfigError, from_dict
-from wit_builder.filters.dedup import find_duplicates, hamming, phash_bytes
+from wit_builder.filters.dedup import phash_bytes
 from wit_builder.stages import filter as filter_stage
 from wit_builder.stages.base import StageContext
 
@@ -26,15 +27,19 @@ def _samples() -> dict[str, FakeSample]:
         "small": FakeSample("http://h/small.jpg", EN, 0, synthetic_jpeg(3, (40, 40))),
         "wide": FakeSample("http://h/wide.jpg", EN, 0, synthetic_jpeg(4, (400, 100))),
         "short": FakeSample("http://h/short.jpg", "boat", 0, synthetic_jpeg(5)),
-        "german": FakeSample("http://h/de.jpg", "ein kleines Holzboot auf einem ruhigen See im Wald", 0,
-                             synthetic_jpeg(6)),
+        "german": FakeSample(
+            "http://h/de.jpg", "ein kleines Holzboot auf einem ruhigen See im Wald", 0, synthetic_jpeg(6)
+        ),
         "failed": FakeSample("http://h/404.jpg", EN, 0, None),
         "exact_a": FakeSample("http://h/ex_a.jpg", "a lighthouse on a rocky coast", 1, jpeg_bytes(base)),
         "exact_b": FakeSample("http://h/ex_b.jpg", "a lighthouse on a rocky coast at dusk", 1, jpeg_bytes(base)),
-        "near_a": FakeSample("http://h/near_a.jpg", "a green field under a blue sky", 2,
-                             synthetic_jpeg(7, (200, 150))),
-        "near_b": FakeSample("http://h/near_b.jpg", "green fields and the blue sky", 2,
-                             jpeg_bytes(synthetic_image(7, (200, 150)).resize((150, 112)), quality=60)),
+        "near_a": FakeSample("http://h/near_a.jpg", "a green field under a blue sky", 2, synthetic_jpeg(7, (200, 150))),
+        "near_b": FakeSample(
+            "http://h/near_b.jpg",
+            "green fields and the blue sky",
+            2,
+            jpeg_bytes(synthetic_image(7, (200, 150)).resize((150, 112)), quality=60),
+        ),
         "bad_bytes": FakeSample("http://h/bad.jpg", EN, 0, synthetic_jpeg(8)[:200]),
     }
     return s
@@ -88,9 +93,7 @@ def test_every_reason_and_accounting(ray_session, fake_run):
         assert reason[loser] == why, (a, b)
     kept = sum(r is None for r in reason.values())
     assert result.rows_out == kept
-    assert result.dropped == {
-        k: sum(v == k for v in reason.values()) for k in set(reason.values()) if k is not None
-    }
+    assert result.dropped == {k: sum(v == k for v in reason.values()) for k in set(reason.values()) if k is not None}
     assert rows[s["good1"].uid]["phash"] is not None
 
 
@@ -112,7 +115,8 @@ def test_rerun_skips_finished_shards_and_redoes_missing(ray_session, fake_run):
     first = filter_stage.run(_ctx(run_dir), filter_stage.Config())
     paths = io.listdir(os.path.join(run_dir, "filtered"), ".parquet")
     mtimes = {p: os.stat(p).st_mtime_ns for p in paths}
-    os.remove(paths[1])  # a crash while this shard was being written
+    os.remove(paths[1])  # a crash while this shard was being written: its marker not written yet
+    os.remove(os.path.join(run_dir, "filtered", "_parts", "write", "00001.json"))
     stale = os.path.join(run_dir, "filtered", ".00001.parquet.0badf00d.tmp")
     open(stale, "wb").write(b"half a file")
     second = filter_stage.run(_ctx(run_dir), filter_stage.Config())
@@ -124,8 +128,16 @@ def test_rerun_skips_finished_shards_and_redoes_missing(ray_session, fake_run):
 
 def test_checks_off_keeps_everything_that_decodes(ray_session, fake_run):
     run_dir, s = fake_run
-    cfg = filter_stage.Config(min_width=0, min_height=0, max_aspect_ratio=0, min_caption_words=0,
-                              min_caption_chars=0, languages=[], exact_dedup=False, near_dedup_distance=-1)
+    cfg = filter_stage.Config(
+        min_width=0,
+        min_height=0,
+        max_aspect_ratio=0,
+        min_caption_words=0,
+        min_caption_chars=0,
+        languages=[],
+        exact_dedup=False,
+        near_dedup_distance=-1,
+    )
     result = filter_stage.run(_ctx(run_dir), cfg)
     assert result.dropped == {"decode_error": 1}
     assert result.rows_out == len(s) - 2
@@ -216,17 +228,29 @@ def test_out_of_core_dedup_equals_the_in_memory_reference(tmp_path, max_distance
     sha = [None if rng.random() < 0.02 else f"s{rng.integers(0, n // 2)}" for _ in range(n)]
     base = rng.integers(0, 1 << 63, size=n // 20, dtype=np.uint64)  # clusters of near images
     flips = [np.uint64(1 << int(b)) for b in rng.integers(0, 64, size=n)]
-    ph = np.array([base[rng.integers(0, len(base))] ^ (flips[i] if rng.random() < 0.5 else np.uint64(0))
-                   for i in range(n)], dtype=np.uint64)
+    ph = np.array(
+        [base[rng.integers(0, len(base))] ^ (flips[i] if rng.random() < 0.5 else np.uint64(0)) for i in range(n)],
+        dtype=np.uint64,
+    )
     reason = [("too_small" if rng.random() < 0.1 else None) for _ in range(n)]
     paths = []
     for k, (a, b) in enumerate([(0, 7000), (7000, 7001), (7001, 15000), (15000, n)]):
         path = str(tmp_path / f"{k:05d}.parquet")
-        pq.write_table(pa.table({"uid": hex_uids[a:b], "reason": reason[a:b], "sha256": sha[a:b],
-                                 "phash": pa.array(ph[a:b], pa.uint64())}), path)
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": hex_uids[a:b],
+                    "reason": reason[a:b],
+                    "sha256": sha[a:b],
+                    "phash": pa.array(ph[a:b], pa.uint64()),
+                }
+            ),
+            path,
+        )
         paths.append(path)
-    marks = list(duplicate_marks(paths, exact=True, max_distance=max_distance, tmp_dir=str(tmp_path),
-                                 memory_limit="64MB"))
+    marks = list(
+        duplicate_marks(paths, exact=True, max_distance=max_distance, tmp_dir=str(tmp_path), memory_limit="64MB")
+    )
     assert marks == sorted(marks)
     got = {uid: r for _, uid, r in marks}
     eligible = [i for i in range(n) if reason[i] is None]

@@ -21,9 +21,14 @@ TINY = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 CAPTIONS = [
-    "a red bicycle leaning against a wall", "two dogs playing in the snow", "a bowl of fresh fruit on a table",
-    "a city street at night with lights", "an old church on a green hill", "children flying a kite on the beach",
-    "a plate of pasta with tomato sauce", "a white cat sleeping on a sofa",
+    "a red bicycle leaning against a wall",
+    "two dogs playing in the snow",
+    "a bowl of fresh fruit on a table",
+    "a city street at night with lights",
+    "an old church on a green hill",
+    "children flying a kite on the beach",
+    "a plate of pasta with tomato sauce",
+    "a white cat sleeping on a sofa",
 ]
 
 
@@ -63,8 +68,16 @@ def _scores(run_dir: str) -> dict[str, tuple[float, str | None]]:
 @pytest.mark.timeout(180)
 def test_clip_score_column_and_threshold(ray_session, tiny_clip, tmp_path):
     name, ckpt, cfg_path = tiny_clip
-    base = dict(clip_model=name, clip_checkpoint=ckpt, clip_model_config=cfg_path, clip_device="cpu",
-                clip_batch_size=2, near_dedup_distance=-1, languages=[], workers=1)
+    base = dict(
+        clip_model=name,
+        clip_checkpoint=ckpt,
+        clip_model_config=cfg_path,
+        clip_device="cpu",
+        clip_batch_size=2,
+        near_dedup_distance=-1,
+        languages=[],
+        workers=1,
+    )
     ctx = lambda d: StageContext(run_dir=d, seed=0, num_cpus=2, progress=False)  # noqa: E731
     d1 = str(tmp_path / "score_only")
     samples = _write(d1)

@@ -37,8 +37,9 @@ def test_map_tasks_yields_every_result(ray_session):
 
 @pytest.mark.timeout(120)
 def test_map_actors_runs_setup_once_per_worker(ray_session):
-    results = list(parallel.map_actors(_setup, _add_offset, iter(range(30)), desc="actors", num_actors=2,
-                                       progress=False))
+    results = list(
+        parallel.map_actors(_setup, _add_offset, iter(range(30)), desc="actors", num_actors=2, progress=False)
+    )
     assert sorted(r for _, (_, r) in results) == [i + 100 for i in range(30)]
     assert len({pid for _, (pid, _) in results}) <= 2
 
@@ -80,3 +81,20 @@ def test_task_errors_surface_as_themselves_and_are_not_retried(ray_session, tmp_
     assert open(marker).read() == "x", "a deterministic error is not retried"
     with pytest.raises(RuntimeError, match=r"_bug failed: KeyError"):
         list(parallel.map_tasks(_bug, [1], desc="e", progress=False))
+
+
+@pytest.mark.timeout(120)
+def test_embedded_ray_ignores_ray_address_in_the_environment(tmp_path):
+    """RAY_ADDRESS (as under `ray job submit`) or a cluster on the host never changes an embedded run."""
+    import subprocess
+    import sys
+
+    code = (
+        "from wit_builder import parallel\n"
+        "parallel.init(num_cpus=1)\n"
+        "print(sorted(r for _, r in parallel.map_tasks(abs, [-1, -2], desc='abs', progress=False)))\n"
+        "parallel.shutdown()\n"
+    )
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:9", RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=100)
+    assert out.returncode == 0 and out.stdout.strip() == "[1, 2]", out.stderr[-2000:]

@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 
 from wit_builder.querybuild.counts import SpillCounter
+from wit_builder.querybuild.dumps import count_dumps
 from wit_builder.querybuild.markup import strip_markup
-from wit_builder.querybuild.ngrams import NgramCounts, count_dumps
+from wit_builder.querybuild.ngrams import NgramCounts
 from wit_builder.querybuild.tokenize import word_runs
 
 pytestmark = pytest.mark.timeout(120)  # generous: the stage runs on a shared 2-core machine
@@ -90,10 +91,23 @@ def test_word_runs_break_bigrams_at_punctuation_and_lines():
 
 
 def test_markup_stripping_keeps_prose_only():
-    text = ("{{Infobox|name={{nested|x}}}}'''Paris''' is the [[capital city|capital]] of [[France]].<ref name=a>cite</ref>"
-            "\n== History ==\n[[File:Paris.jpg|thumb|The [[Seine]]]][[Category:Cities]][[fr:Paris]]"
-            "<!-- hidden -->{| class=wikitable\n| a || b\n|}[http://example.org Official site] &ndash; end")
-    assert strip_markup(text).split() == ["Paris", "is", "the", "capital", "of", "France.", "Official", "site", "–", "end"]
+    text = (
+        "{{Infobox|name={{nested|x}}}}'''Paris''' is the [[capital city|capital]] of [[France]].<ref name=a>cite</ref>"
+        "\n== History ==\n[[File:Paris.jpg|thumb|The [[Seine]]]][[Category:Cities]][[fr:Paris]]"
+        "<!-- hidden -->{| class=wikitable\n| a || b\n|}[http://example.org Official site] &ndash; end"
+    )
+    assert strip_markup(text).split() == [
+        "Paris",
+        "is",
+        "the",
+        "capital",
+        "of",
+        "France.",
+        "Official",
+        "site",
+        "–",
+        "end",
+    ]
 
 
 @pytest.mark.timeout(180)

@@ -26,7 +26,7 @@ def _consume(path):
 
 def test_truncated_bz2_dump(tmp_path):
     cut = tmp_path / "cut.xml.bz2"
-    cut.write_bytes(open(SAMPLE, "rb").read()[: 600_000])
+    cut.write_bytes(open(SAMPLE, "rb").read()[:600_000])
     with pytest.raises(DumpError, match=r"truncated dump .* after \d+ complete pages"):
         _consume(str(cut))
 

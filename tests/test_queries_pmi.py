@@ -28,7 +28,8 @@ def test_pmi_selection_on_hand_made_corpus():
     try:
         assert c.tokens == 12
         uni, _, uni_seen, bi, bi_drop, bi_seen, table = select_ngrams(
-            c, min_unigram_count=1, min_bigram_count=1, min_pmi=-100.0, skip_stopword_bigrams=False)
+            c, min_unigram_count=1, min_bigram_count=1, min_pmi=-100.0, skip_stopword_bigrams=False
+        )
         scores = {b: s for b, _, s in bi}
         assert uni_seen == 6 and bi_seen == 4
         assert scores["x y"] == pytest.approx(2.0)  # log2(2*12 / (3*2))

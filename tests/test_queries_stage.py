@@ -33,8 +33,9 @@ def test_user_lists_in_all_formats_dedup_and_outputs(tmp_path, capsys):
     (tmp_path / "b.csv").write_text("id,query\n1,cat\n2,New York\n3,Dog\n")
     pq.write_table(pa.table({"n": [1, 2], "text": ["zebra", "cat"]}), tmp_path / "c.parquet")
     (tmp_path / "metadata.json").write_text(json.dumps(["giraffe", "zebra"]))
-    cfg = Config(lists=[str(tmp_path / f) for f in ("a.txt", "b.csv", "c.parquet", "metadata.json")],
-                 metadata_json=True)
+    cfg = Config(
+        lists=[str(tmp_path / f) for f in ("a.txt", "b.csv", "c.parquet", "metadata.json")], metadata_json=True
+    )
     result = run(_ctx(tmp_path), cfg)
     t = _read(tmp_path)
     assert t.schema.field("query_id").type == pa.int32()
@@ -53,8 +54,15 @@ def test_user_lists_in_all_formats_dedup_and_outputs(tmp_path, capsys):
 
 def test_casefold_dedup_build_order_and_max_queries(tmp_path):
     (tmp_path / "q.txt").write_text("Dog\nCat\n")
-    cfg = Config(lists=[str(tmp_path / "q.txt")], wiki_dumps=[SAMPLE], min_unigram_count=200,
-                 min_bigram_count=3, min_pmi=12.0, dedup="casefold", max_queries=50)
+    cfg = Config(
+        lists=[str(tmp_path / "q.txt")],
+        wiki_dumps=[SAMPLE],
+        min_unigram_count=200,
+        min_bigram_count=3,
+        min_pmi=12.0,
+        dedup="casefold",
+        max_queries=50,
+    )
     result = run(_ctx(tmp_path), cfg)
     t = _read(tmp_path).to_pylist()
     assert len(t) == 50 and result.dropped["over_max_queries"] > 0
@@ -117,6 +125,8 @@ def test_caption_corpus_bigrams(tmp_path):
     result = run(_ctx(tmp_path), cfg)
     t = _read(tmp_path).to_pylist()
     assert [(r["text"], r["source"], r["count"]) for r in t] == [
-        ("fire hydrant", "caption_bigram", 10), ("teddy bear", "caption_bigram", 10)]
+        ("fire hydrant", "caption_bigram", 10),
+        ("teddy bear", "caption_bigram", 10),
+    ]
     assert t[0]["score"] > 5.0
     assert result.dropped["stopword"] > 0 and result.dropped["below_min_count"] > 0

@@ -16,9 +16,11 @@ pytestmark = pytest.mark.timeout(60)
 def _write_hours(tmp_path):
     h1 = tmp_path / "pageviews-20240101-000000.gz"
     with gzip.open(h1, "wb") as f:
-        f.write("en Albert_Einstein 40 0\nen.m Albert_Einstein 20 0\nen Obscure_Page 3 0\n"
-                "de Albert_Einstein 900 0\nen Talk:Cats 500 0\nen Caf%C3%A9_de_Flore 69 0\n"
-                "en Main_Page 99999 0\nen broken\n".encode())
+        f.write(
+            b"en Albert_Einstein 40 0\nen.m Albert_Einstein 20 0\nen Obscure_Page 3 0\n"
+            b"de Albert_Einstein 900 0\nen Talk:Cats 500 0\nen Caf%C3%A9_de_Flore 69 0\n"
+            b"en Main_Page 99999 0\nen broken\n"
+        )
     h2 = tmp_path / "pageviews-20240101-010000"
     h2.write_text("en Albert_Einstein 10 0\nen Obscure_Page 60 0\nen Café_de_Flore 1 0\nen Not_In_Dump 500 0\n")
     return [str(h1), str(h2)]

@@ -45,8 +45,10 @@ def test_parse_nltk_style_dir_and_missing_dir(tmp_path):
     d = tmp_path / "wordnet"
     d.mkdir()
     header = "  1 This software and database is being provided to you, the LICENSEE...\n"
-    (d / "data.noun").write_text(header + "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which exists\n"
-                                 "02084071 05 n 02 dog 0 domestic_dog 0 000 | a dog\n")
+    (d / "data.noun").write_text(
+        header + "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which exists\n"
+        "02084071 05 n 02 dog 0 domestic_dog 0 000 | a dog\n"
+    )
     (d / "data.verb").write_text(header)
     (d / "data.adj").write_text("00001740 00 a 01 able(a) 0 000 | able\n")
     (d / "data.adv").write_text("")

@@ -7,26 +7,17 @@ import hashlib
 import json
 import os
 import shutil
-import tarfile
-from dataclasses import dataclass
 
 import pytest
 
 from fake_download import FakeSample, synthetic_jpeg, write_run
-from wit_builder import io, schema
-from wit_builder.config import ConfigError
+from wit_builder import io, schema, tario
 from wit_builder.stages import filter as filter_stage
 from wit_builder.stages import shards as shards_stage
 from wit_builder.stages.base import StageContext
 
 QUERIES = ["bicycle", "harbour", "mountain", "lantern"]
 CAP = 3
-
-
-@dataclass(frozen=True)
-class FakeBalance:
-    cap: int = CAP
-    oversample: float = 2.0
 
 
 def _samples() -> list[FakeSample]:
@@ -39,9 +30,15 @@ def _samples() -> list[FakeSample]:
         nonlocal seed
         for _ in range(n):
             seed += 1
-            out.append(FakeSample(f"http://h/{q}/{seed}.jpg", f"a photo of a {QUERIES[q]} number {seed}", q,
-                                  synthetic_jpeg(seed, size) if image else None,
-                                  query_ids=sorted({q, (q + 1) % 4})))
+            out.append(
+                FakeSample(
+                    f"http://h/{q}/{seed}.jpg",
+                    f"a photo of a {QUERIES[q]} number {seed}",
+                    q,
+                    synthetic_jpeg(seed, size) if image else None,
+                    query_ids=sorted({q, (q + 1) % 4}),
+                )
+            )
 
     add(0, 7)
     add(1, 3)
@@ -56,8 +53,7 @@ FILTER = filter_stage.Config(languages=[], near_dedup_distance=-1)
 
 
 def _ctx(run_dir: str, **kw) -> StageContext:
-    configs = {"balance": FakeBalance(), "_config_hash": "cafe0123"}
-    return StageContext(run_dir=run_dir, seed=7, num_cpus=2, progress=False, configs=configs, **kw)
+    return StageContext(run_dir=run_dir, seed=7, num_cpus=2, progress=False, config_hash="cafe0123", **kw)
 
 
 @pytest.fixture
@@ -71,14 +67,13 @@ def filtered_run(ray_session, tmp_path):
 
 
 def _tar_members(path: str) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return list(tario.read_tar(path))
 
 
 @pytest.mark.timeout(180)
 def test_manifest_tars_metadata_agree_and_trim_keeps_caps(filtered_run):
     run_dir, samples = filtered_run
-    cfg = shards_stage.Config(samples_per_shard=4)
+    cfg = shards_stage.Config(samples_per_shard=4, cap=CAP)
     result = shards_stage.run(_ctx(run_dir), cfg)
     result.check_accounting()
     out = os.path.join(run_dir, "shards")
@@ -147,47 +142,63 @@ def test_manifest_tars_metadata_agree_and_trim_keeps_caps(filtered_run):
         assert m["sha256"] == hashlib.sha256(s.image).hexdigest()
         assert "clip_score" not in m  # not computed by this filter config
         assert r["tar"] in {t["path"] for t in manifest["tars"]}
-    assert not os.path.exists(os.path.join(out, shards_stage.WORK_DIR))
 
 
 @pytest.mark.timeout(180)
 def test_rerun_is_byte_identical_and_resumes(filtered_run, tmp_path):
     run_dir, _ = filtered_run
-    cfg = shards_stage.Config(samples_per_shard=3)
+    cfg = shards_stage.Config(samples_per_shard=3, cap=CAP)
     out = os.path.join(run_dir, "shards")
     shards_stage.run(_ctx(run_dir), cfg)
-    first = {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith((".tar", ".json"))}
+    first = {
+        n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith((".tar", ".json"))
+    }
     assert len(first) >= 4
 
     shutil.rmtree(out)  # a fresh run
     shards_stage.run(_ctx(run_dir), cfg)
-    second = {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith((".tar", ".json"))}
+    second = {
+        n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith((".tar", ".json"))
+    }
     assert second == first
 
-    os.remove(os.path.join(out, "000001.tar"))  # a crash while tar 1 was being written
+    os.remove(os.path.join(out, "000001.tar"))  # a crash while tar 1 was being written: no marker yet
+    os.remove(os.path.join(out, "_parts", "write", "000001.json"))
     stale = os.path.join(out, ".000001.tar.deadbeef.tmp")
     open(stale, "wb").write(b"half a tar")
     before = os.stat(os.path.join(out, "000000.tar")).st_mtime_ns
     shards_stage.run(_ctx(run_dir), cfg)
-    third = {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith((".tar", ".json"))}
+    third = {
+        n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith((".tar", ".json"))
+    }
     assert third == first
     assert os.stat(os.path.join(out, "000000.tar")).st_mtime_ns == before  # not rewritten
     assert not os.path.exists(stale)
 
 
 @pytest.mark.timeout(120)
-def test_no_trim_and_cap_errors(filtered_run):
+def test_no_trim_and_own_cap(filtered_run):
     run_dir, _ = filtered_run
     result = shards_stage.run(_ctx(run_dir), shards_stage.Config(trim_to_cap=False, samples_per_shard=100))
     assert result.dropped == {"over_cap": 0} and result.rows_out == result.rows_in
-    ctx = _ctx(run_dir)
-    ctx.configs = {}
-    with pytest.raises(ConfigError, match="cap"):
-        shards_stage.run(ctx, shards_stage.Config())
     shutil.rmtree(os.path.join(run_dir, "shards"))
-    result = shards_stage.run(ctx, shards_stage.Config(cap=1, samples_per_shard=100))  # own cap, no [balance]
+    result = shards_stage.run(_ctx(run_dir), shards_stage.Config(cap=1, samples_per_shard=100))
     assert result.rows_out == len(QUERIES)  # every query has >= 1 kept sample, each trimmed to 1
     assert result.dropped["over_cap"] == result.rows_in - len(QUERIES)
+
+
+def test_cap_zero_means_the_balance_cap():
+    from wit_builder.config import RunConfig
+    from wit_builder.pipeline import Pipeline
+    from wit_builder.stages.registry import config_class
+
+    stages = {name: config_class(name)() for name in ("queries", "candidates", "match", "download", "filter")}
+    stages["balance"] = config_class("balance")(cap=42)
+    stages["shards"] = shards_stage.Config()
+    pipeline = Pipeline(source="x.toml", run=RunConfig(), stages=stages, train={})
+    assert pipeline.config_for("shards").cap == 42
+    pipeline.stages["shards"] = shards_stage.Config(cap=7)
+    assert pipeline.config_for("shards").cap == 7
 
 
 @pytest.mark.timeout(120)
@@ -195,7 +206,7 @@ def test_webdataset_reads_the_tars(filtered_run):
     import webdataset as wds
 
     run_dir, _ = filtered_run
-    shards_stage.run(_ctx(run_dir), shards_stage.Config(samples_per_shard=5))
+    shards_stage.run(_ctx(run_dir), shards_stage.Config(samples_per_shard=5, cap=CAP))
     out = os.path.join(run_dir, "shards")
     manifest = io.read_json(os.path.join(out, "manifest.json"))
     urls = [os.path.join(out, t["path"]) for t in manifest["tars"]]
@@ -206,15 +217,16 @@ def test_webdataset_reads_the_tars(filtered_run):
 
 
 @pytest.mark.timeout(120)
-def test_trim_without_selected_uses_the_documented_fallback_rank(filtered_run):
-    run_dir, samples = filtered_run
+def test_shards_reads_only_its_direct_inputs(filtered_run):
+    """Rank and query text come in the download rows: selected/ and queries/ are not read."""
+    run_dir, _ = filtered_run
+    shards_stage.run(_ctx(run_dir), shards_stage.Config(samples_per_shard=100, cap=CAP))
+    before = open(os.path.join(run_dir, "shards", "000000.tar"), "rb").read()
+    shutil.rmtree(os.path.join(run_dir, "shards"))
     shutil.rmtree(os.path.join(run_dir, "selected"))
-    shards_stage.run(_ctx(run_dir), shards_stage.Config(samples_per_shard=100))
-    meta = io.read_parquet(os.path.join(run_dir, "shards", "metadata", "000000.parquet"))
-    got = sorted(u for u, q in zip(meta["uid"].to_pylist(), meta["query_id"].to_pylist()) if q == 0)
-    q0 = [s.uid for s in samples if s.query_id == 0]  # 7 kept, cap 3
-    want = sorted(sorted(q0, key=lambda u: (shards_stage.fallback_rank(u, 0, 7), u))[:CAP])
-    assert got == want
+    shutil.rmtree(os.path.join(run_dir, "queries"))
+    shards_stage.run(_ctx(run_dir), shards_stage.Config(samples_per_shard=100, cap=CAP))
+    assert open(os.path.join(run_dir, "shards", "000000.tar"), "rb").read() == before
 
 
 def test_open_files_lru_closes_the_oldest(tmp_path):
@@ -249,7 +261,7 @@ def test_kept_sample_missing_from_its_download_tar_is_counted(filtered_run):
     tar_path = os.path.join(run_dir, "download", "00000.tar")
     members = _tar_members(tar_path)
     victim = next(n for n, _ in members if n.endswith(".jpg")).split(".")[0]
-    with shards_stage.TarOut(tar_path) as out:  # the download tar changed after filtering
+    with tario.TarWriter(tar_path) as out:  # the download tar changed after filtering
         for name, data in members:
             if not name.startswith(victim):
                 out.add(name, data)
@@ -275,9 +287,10 @@ def test_other_image_formats_keep_their_extension(ray_session, tmp_path):
     samples = [FakeSample(f"http://h/{i}.png", f"a drawing of a lantern number {i}", 3, png(i)) for i in range(4)]
     write_run(run_dir, samples, queries=QUERIES, image_ext="png")
     filter_stage.run(_ctx(run_dir), FILTER)
-    result = shards_stage.run(_ctx(run_dir), shards_stage.Config())
+    result = shards_stage.run(_ctx(run_dir), shards_stage.Config(cap=CAP))
     names = [n for n, _ in _tar_members(os.path.join(run_dir, "shards", "000000.tar"))]
     assert result.rows_out == CAP and sum(n.endswith(".png") for n in names) == CAP
-    images = {n.split(".")[0]: b for n, b in _tar_members(os.path.join(run_dir, "shards", "000000.tar"))
-              if n.endswith(".png")}
+    images = {
+        n.split(".")[0]: b for n, b in _tar_members(os.path.join(run_dir, "shards", "000000.tar")) if n.endswith(".png")
+    }
     assert all(images[s.uid] == s.image for s in samples if s.uid in images)

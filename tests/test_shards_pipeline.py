@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pytest
@@ -23,12 +22,6 @@ QUERIES = ["table", "street", "dog", "food", "room"]
 CAP = 6
 
 
-@dataclass(frozen=True)
-class Balance:
-    cap: int = CAP
-    oversample: float = 1.5
-
-
 def _selected(base_url: str, files: list[str], captions: dict[str, list[str]]) -> pa.Table:
     rows = []
     for i, f in enumerate(files):
@@ -39,8 +32,19 @@ def _selected(base_url: str, files: list[str], captions: dict[str, list[str]]) -
             for caption in captions[f][:2]:  # two captions of one photo: exact duplicate images
                 q = i % len(QUERIES)
                 u = make_uid(url, caption)
-                rows.append({"uid": u, "url": url, "caption": caption, "source_file": "demo", "page_url": None,
-                             "query_ids": [q], "query_id": q, "rank": int(u, 16) / 2**64})
+                rows.append(
+                    {
+                        "uid": u,
+                        "url": url,
+                        "caption": caption,
+                        "source_file": "demo",
+                        "page_url": None,
+                        "query_ids": [q],
+                        "query_id": q,
+                        "rank": int(u, 16) / 2**64,
+                        "query_text": QUERIES[q],
+                    }
+                )
     return pa.Table.from_pylist(rows)
 
 
@@ -57,12 +61,18 @@ def test_download_filter_shards_fit_together(ray_session, static_server, tmp_pat
     selected = _selected(base_url, files, caps)
     io.write_parquet(selected, os.path.join(run_dir, "selected", "part-00000.parquet"), schema.SELECTED)
     io.write_parquet(
-        pa.table({"query_id": list(range(len(QUERIES))), "text": QUERIES, "source": ["list"] * len(QUERIES),
-                  "count": [None] * len(QUERIES)}),
-        os.path.join(run_dir, "queries", "queries.parquet"), schema.QUERIES,
+        pa.table(
+            {
+                "query_id": list(range(len(QUERIES))),
+                "text": QUERIES,
+                "source": ["list"] * len(QUERIES),
+                "count": [None] * len(QUERIES),
+            }
+        ),
+        os.path.join(run_dir, "queries", "queries.parquet"),
+        schema.QUERIES,
     )
-    ctx = StageContext(run_dir=run_dir, seed=3, num_cpus=2, progress=False,
-                       configs={"balance": Balance(), "_config_hash": "abc"})
+    ctx = StageContext(run_dir=run_dir, seed=3, num_cpus=2, progress=False, config_hash="abc")
     d = download.run(ctx, download.Config(shard_size=25, threads_per_task=4, allow_private_network=True))
     d.check_accounting()
     successes = d.rows_out
@@ -73,7 +83,7 @@ def test_download_filter_shards_fit_together(ray_session, static_server, tmp_pat
     assert f.rows_in == successes
     assert f.dropped.get("duplicate_exact", 0) >= len(files) - 1  # one of each caption pair (+ rare others)
 
-    s = shards.run(ctx, shards.Config(samples_per_shard=7))
+    s = shards.run(ctx, shards.Config(samples_per_shard=7, cap=CAP))
     s.check_accounting()
     print("\n" + "\n".join(r.line(n) for n, r in (("download", d), ("filter", f), ("shards", s))))
     assert s.rows_in == f.rows_out
@@ -93,6 +103,6 @@ def test_download_filter_shards_fit_together(ray_session, static_server, tmp_pat
 
     first = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if n.endswith((".tar", ".json"))}
     shutil.rmtree(out)
-    shards.run(ctx, shards.Config(samples_per_shard=7))
+    shards.run(ctx, shards.Config(samples_per_shard=7, cap=CAP))
     again = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if n.endswith((".tar", ".json"))}
     assert again == first

@@ -9,8 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from wit_builder.train.demo_classes import assign_classes, build_zeroshot_folder, classes_named
-from wit_builder.train.synthetic import draw, write_captioned_photo_shards
+from synthetic_shards import draw, write_captioned_photo_shards
+from wit_builder.train.demo_classes import (
+    assign_classes,
+    build_zeroshot_folder,
+    classes_named,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "demo")
@@ -34,9 +38,12 @@ def test_folder_layout(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     rows = []
-    for i, (name, word) in enumerate([("a", "cat"), ("b", "cat"), ("c", "pizza"), ("d", "pizza"), ("e", "bus")]):
+    for name, word in [("a", "cat"), ("b", "cat"), ("c", "pizza"), ("d", "pizza"), ("e", "bus")]:
         draw("red", "circle", 16).save(images / f"{name}.jpg")
-        rows += [{"file": f"{name}.jpg", "caption": f"a {word} here"}, {"file": f"{name}.jpg", "caption": f"the {word}"}]
+        rows += [
+            {"file": f"{name}.jpg", "caption": f"a {word} here"},
+            {"file": f"{name}.jpg", "caption": f"the {word}"},
+        ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "captions.parquet")
     counts = build_zeroshot_folder(str(images), str(tmp_path / "captions.parquet"), str(tmp_path / "zs"))
     assert counts == {"cat": 2, "pizza": 2}
@@ -52,10 +59,16 @@ def test_demo_training_step_reports_loss_and_top1(tmp_path):
 
     old = torch.get_num_threads()
     try:
-        manifest = write_captioned_photo_shards(os.path.join(DEMO, "images"), os.path.join(DEMO, "captions.parquet"),
-                                                str(tmp_path / "shards"))
-        got = train_and_zero_shot(manifest, str(tmp_path / "train"), os.path.join(DEMO, "images"),
-                                  os.path.join(DEMO, "captions.parquet"), overrides=["steps=5", "data.workers=0"])
+        manifest = write_captioned_photo_shards(
+            os.path.join(DEMO, "images"), os.path.join(DEMO, "captions.parquet"), str(tmp_path / "shards")
+        )
+        got = train_and_zero_shot(
+            manifest,
+            str(tmp_path / "train"),
+            os.path.join(DEMO, "images"),
+            os.path.join(DEMO, "captions.parquet"),
+            overrides=["steps=5", "data.workers=0"],
+        )
     finally:
         torch.set_num_threads(old)
     assert got["steps"] == 5 and got["loss"] > 0 and 0.0 <= got["zeroshot_top1"] <= got["zeroshot_top5"] <= 1.0

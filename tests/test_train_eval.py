@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from synthetic_shards import write_image_folder, write_shards
 from wit_builder.train import eval as teval
 from wit_builder.train import model as tmodel
 from wit_builder.train.config import ModelConfig, load_config
-from wit_builder.train.synthetic import write_image_folder, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,8 +88,9 @@ def test_linear_probe_equals_reference():
     x_train = centers[y_train] + 1.2 * rng.normal(size=(60, 8))
     x_test = centers[y_test] + 1.2 * rng.normal(size=(30, 8))
     l2 = 0.05
-    got = teval.linear_probe_features(torch.tensor(x_train), torch.tensor(y_train), torch.tensor(x_test),
-                                      torch.tensor(y_test), 3, [l2])
+    got = teval.linear_probe_features(
+        torch.tensor(x_train), torch.tensor(y_train), torch.tensor(x_test), torch.tensor(y_test), 3, [l2]
+    )
     w_ref, b_ref = _reference_logistic(x_train, y_train, 3, l2)
     w, b = teval.fit_logistic(torch.tensor(x_train), torch.tensor(y_train), 3, l2)
     np.testing.assert_allclose(w.numpy(), w_ref, atol=1e-4)
@@ -130,12 +131,15 @@ def test_retrieval_equals_reference():
 
 
 def test_retrieval_groups_identical_images(tiny, tmp_path):
-    from wit_builder.train.synthetic import draw, jpeg_bytes
+    from synthetic_shards import draw, jpeg_bytes
 
     img = jpeg_bytes(draw("red", "circle", 32))
     other = jpeg_bytes(draw("blue", "square", 32))
-    pairs = [("a", {"jpg": img, "txt": b"a red circle"}), ("b", {"jpg": img, "txt": b"red round thing"}),
-             ("c", {"jpg": other, "txt": b"a blue square"})]
+    pairs = [
+        ("a", {"jpg": img, "txt": b"a red circle"}),
+        ("b", {"jpg": img, "txt": b"red round thing"}),
+        ("c", {"jpg": other, "txt": b"a blue square"}),
+    ]
     got = teval.retrieval(tiny.model, tiny.eval_transform, tiny.tokenizer, pairs)
     assert got["retrieval_images"] == 2 and got["retrieval_texts"] == 3
 
@@ -144,10 +148,20 @@ def test_retrieval_groups_identical_images(tiny, tmp_path):
 def test_training_runs_evals_every_n_steps_and_the_eval_cli_agrees(tmp_path):
     shards = write_shards(str(tmp_path / "shards"), samples=64, tars=1, image_size=32)
     zs = write_image_folder(str(tmp_path / "zs"), per_class=2)
-    cfg = load_config(os.path.join(REPO, "pipelines", "train-tiny.toml"),
-                      ["steps=4", "batch_size=8", "data.workers=0", "data.holdout_fraction=0.25", "eval.every=2",
-                       f'eval.zeroshot_dir="{zs}"', f'eval.probe_train_dir="{zs}"', f'eval.probe_test_dir="{zs}"',
-                       "eval.probe_l2=[0.01]"])
+    cfg = load_config(
+        os.path.join(REPO, "pipelines", "train-tiny.toml"),
+        [
+            "steps=4",
+            "batch_size=8",
+            "data.workers=0",
+            "data.holdout_fraction=0.25",
+            "eval.every=2",
+            f'eval.zeroshot_dir="{zs}"',
+            f'eval.probe_train_dir="{zs}"',
+            f'eval.probe_test_dir="{zs}"',
+            "eval.probe_l2=[0.01]",
+        ],
+    )
     from wit_builder.train.loop import train
 
     summary = train(cfg, shards, str(tmp_path / "out"))
@@ -158,8 +172,22 @@ def test_training_runs_evals_every_n_steps_and_the_eval_cli_agrees(tmp_path):
     assert final["retrieval_texts"] > 0 and summary["eval"] == final
     # the standalone CLI on the saved checkpoint gives the same zero-shot and probe numbers
     out = tmp_path / "cli.jsonl"
-    code = teval.main(["--pretrained", summary["checkpoint"], "--zeroshot-dir", zs, "--probe-train", zs,
-                       "--probe-test", zs, "--probe-l2", "0.01", "--out", str(out)])
+    code = teval.main(
+        [
+            "--pretrained",
+            summary["checkpoint"],
+            "--zeroshot-dir",
+            zs,
+            "--probe-train",
+            zs,
+            "--probe-test",
+            zs,
+            "--probe-l2",
+            "0.01",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     cli = json.loads(out.read_text())
     for key in ("zeroshot_top1", "zeroshot_top5", "probe_top1"):

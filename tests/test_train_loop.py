@@ -14,10 +14,10 @@ from collections import Counter
 import pytest
 import torch
 
+from synthetic_shards import write_captioned_photo_shards, write_shards
 from wit_builder.train import data as tdata
 from wit_builder.train.config import load_config
 from wit_builder.train.loop import latest_checkpoint, train
-from wit_builder.train.synthetic import write_captioned_photo_shards, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "pipelines", "train-tiny.toml")
@@ -95,8 +95,12 @@ def test_stopped_mid_epoch_and_resumed_sees_each_key_once(tmp_path):
 def test_drop_mode_drops_only_the_partial_last_batch(tmp_path):
     shards = write_shards(str(tmp_path / "shards"), samples=45, tars=2, image_size=32)
     log = str(tmp_path / "keys")
-    got = train(_cfg("steps=0", "epochs=1", "batch_size=8", "data.workers=0", 'data.last_batch="drop"'), shards,
-                str(tmp_path / "out"), keys_log=log)
+    got = train(
+        _cfg("steps=0", "epochs=1", "batch_size=8", "data.workers=0", 'data.last_batch="drop"'),
+        shards,
+        str(tmp_path / "out"),
+        keys_log=log,
+    )
     keys = _keys_by_epoch(log)[0]
     assert got["steps"] == 5 and got["samples_seen"] == 40 and len(keys) == 40 and set(keys.values()) == {1}
 
@@ -107,13 +111,37 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_completes_the_epoch(tmp_pa
     all_keys = Counter(k for k, _ in tdata.iter_samples(tdata.load_manifest(shards), None))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "wit_builder.train", "--config", TINY, "--data", shards, "--out", str(out),
-           "--keys-log", str(tmp_path / "keys"),
-           "--set", "steps=0", "--set", "epochs=1", "--set", "batch_size=4", "--set", "log_every=1",
-           "--set", "data.workers=1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "wit_builder.train",
+        "--config",
+        TINY,
+        "--data",
+        shards,
+        "--out",
+        str(out),
+        "--keys-log",
+        str(tmp_path / "keys"),
+        "--set",
+        "steps=0",
+        "--set",
+        "epochs=1",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "log_every=1",
+        "--set",
+        "data.workers=1",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     log = out / "train_log.jsonl"
     deadline = time.time() + 150
     while time.time() < deadline and proc.poll() is None:
@@ -157,7 +185,9 @@ def test_checkpoint_loads_in_open_clip_with_identical_embeddings(tmp_path):
     m1, _, _ = open_clip.create_model_and_transforms("local-dir:" + folder)
     # 2) the architecture name + pretrained=path (registering the saved config as a user would)
     open_clip.add_model_config(os.path.join(folder, "wit-ckpt-tiny.json"))
-    m2, _, _ = open_clip.create_model_and_transforms("wit-ckpt-tiny", pretrained=os.path.join(folder, tmodel.WEIGHTS_FILE))
+    m2, _, _ = open_clip.create_model_and_transforms(
+        "wit-ckpt-tiny", pretrained=os.path.join(folder, tmodel.WEIGHTS_FILE)
+    )
     for m in (m1, m2):
         m.eval()
         with torch.no_grad():

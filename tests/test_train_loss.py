@@ -51,7 +51,7 @@ def _reference(valid: torch.Tensor) -> dict[str, torch.Tensor]:
 def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -63,11 +63,14 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         images, texts = _batch()
         rows = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
-        for name, accum, valid in [("plain", 1, torch.ones(GLOBAL, dtype=torch.bool)),
-                                   ("padded_accum2", 2, torch.tensor([1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool))]:
+        for name, accum, valid in [
+            ("plain", 1, torch.ones(GLOBAL, dtype=torch.bool)),
+            ("padded_accum2", 2, torch.tensor([1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)),
+        ]:
             model = torch.nn.parallel.DistributedDataParallel(_tiny())
-            train_step(model, images[rows], texts[rows], valid[rows], int(valid.sum()), accum, "fp32",
-                       torch.device("cpu"))
+            train_step(
+                model, images[rows], texts[rows], valid[rows], int(valid.sum()), accum, "fp32", torch.device("cpu")
+            )
             torch.save(_grads(model.module), os.path.join(out_dir, f"{name}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -108,8 +111,16 @@ def test_padded_rows_are_neither_anchors_nor_negatives():
     model = _tiny()
     images, texts = _batch()
     keep = valid.nonzero().squeeze(1)
-    train_step(model, images[keep], texts[keep], torch.ones(len(keep), dtype=torch.bool), len(keep), 1, "fp32",
-               torch.device("cpu"))
+    train_step(
+        model,
+        images[keep],
+        texts[keep],
+        torch.ones(len(keep), dtype=torch.bool),
+        len(keep),
+        1,
+        "fp32",
+        torch.device("cpu"),
+    )
     _assert_same(_grads(model), padded)
 
 

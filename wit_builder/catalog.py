@@ -63,9 +63,7 @@ def connect(run_dir: str) -> Any:
     for view, rel in VIEWS.items():
         pattern = io.join(run_dir, rel)
         if _has_files(pattern):
-            con.execute(
-                f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{_sql_str(pattern)}', union_by_name=true)"
-            )
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{_sql_str(pattern)}', union_by_name=true)")
             made.add(view)
         elif view in EMPTY_WHEN_DONE and io.exists(io.join(run_dir, rel.split("/", 1)[0], "_SUCCESS.json")):
             from wit_builder import schema

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from wit_builder.stages import STAGE_ORDER
 
@@ -41,14 +41,27 @@ STAGE_HELP = {
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser, pipeline_optional: bool = False) -> None:
-    p.add_argument("pipeline", nargs="?" if pipeline_optional else None,
-                   help="pipeline TOML file (see pipelines/)")
-    p.add_argument("--out", required=not pipeline_optional, metavar="DIR",
-                   help="run directory (local path or fsspec URL such as s3://bucket/run)")
-    p.add_argument("--ray-address", metavar="ADDR", default=None,
-                   help="connect to an existing Ray cluster (e.g. 'auto'); default: embedded local Ray")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (TOML syntax), e.g. --set balance.cap=100; repeatable")
+    p.add_argument("pipeline", nargs="?" if pipeline_optional else None, help="pipeline TOML file (see pipelines/)")
+    p.add_argument(
+        "--out",
+        required=not pipeline_optional,
+        metavar="DIR",
+        help="run directory (local path or fsspec URL such as s3://bucket/run)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=None,
+        help="connect to an existing Ray cluster (e.g. 'auto'); default: embedded local Ray",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (TOML syntax), e.g. --set balance.cap=100; repeatable",
+    )
     p.add_argument("--force", action="store_true", help="redo the stage(s) even if already done")
 
 
@@ -65,54 +78,75 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wit-builder {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run all stages in order (skips finished ones)",
-                       description="Run every stage in order into --out. Finished stages whose config "
-                       "and inputs did not change are skipped; a changed stage is redone with "
-                       "everything after it. An interrupted run resumes where it stopped.",
-                       epilog="example:\n  wit-build run pipelines/demo.toml --out runs/r1 --from match",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="run all stages in order (skips finished ones)",
+        description="Run every stage in order into --out. Finished stages whose config "
+        "and inputs did not change are skipped; a changed stage is redone with "
+        "everything after it. An interrupted run resumes where it stopped.",
+        epilog="example:\n  wit-build run pipelines/demo.toml --out runs/r1 --from match",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_pipeline_args(p)
     p.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, help="start at this stage")
 
     for stage in STAGE_ORDER:
-        p = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage] + ". The stages "
-                           "before it must be finished in --out.",
-                           epilog=f"example:\n  wit-build {stage} pipelines/demo.toml --out runs/r1",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            stage,
+            help=STAGE_HELP[stage],
+            description=STAGE_HELP[stage] + ". The stages before it must be finished in --out.",
+            epilog=f"example:\n  wit-build {stage} pipelines/demo.toml --out runs/r1",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_pipeline_args(p, pipeline_optional=stage == "download")
         if stage == "download":
-            p.add_argument("--retry-failed", action="store_true",
-                           help="re-attempt URLs whose failure was transient (timeouts, 5xx, resets) in "
-                           "finished shards, keeping successes; the pipeline defaults to the one saved "
-                           "in --out")
+            p.add_argument(
+                "--retry-failed",
+                action="store_true",
+                help="re-attempt URLs whose failure was transient (timeouts, 5xx, resets) in "
+                "finished shards, keeping successes; the pipeline defaults to the one saved "
+                "in --out",
+            )
 
-    p = sub.add_parser("status", help="show each stage's state and counts",
-                       epilog="example:\n  wit-build status runs/r1",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "status",
+        help="show each stage's state and counts",
+        epilog="example:\n  wit-build status runs/r1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dir", metavar="DIR")
 
-    p = sub.add_parser("sql", help="run SQL (DuckDB) over the run's metadata",
-                       description="Views: queries, candidates, matched, selected, query_counts, samples "
-                       "(every download attempt), filtered, kept, shards (one row per final sample).",
-                       epilog='example:\n  wit-build sql runs/r1 "SELECT status, count(*) FROM samples GROUP BY 1"',
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "sql",
+        help="run SQL (DuckDB) over the run's metadata",
+        description="Views: queries, candidates, matched, selected, query_counts, samples "
+        "(every download attempt), filtered, kept, shards (one row per final sample).",
+        epilog='example:\n  wit-build sql runs/r1 "SELECT status, count(*) FROM samples GROUP BY 1"',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dir", metavar="DIR")
     p.add_argument("query", metavar="QUERY")
     p.add_argument("--max-rows", type=_non_negative, default=50, help="rows to print (0 = all; default 50)")
 
-    p = sub.add_parser("stats", help="write a report (HTML + PNG plots) of a run",
-                       description="Stage funnel, drop reasons, query balance, download errors, image and "
-                       "caption statistics, written to DIR/report/report.html.",
-                       epilog="example:\n  wit-build stats runs/r1",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "stats",
+        help="write a report (HTML + PNG plots) of a run",
+        description="Stage funnel, drop reasons, query balance, download errors, image and "
+        "caption statistics, written to DIR/report/report.html.",
+        epilog="example:\n  wit-build stats runs/r1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dir", metavar="DIR")
 
-    p = sub.add_parser("demo", help="run the whole pipeline + a few CPU training steps on the bundled demo data",
-                       description="Serves the bundled demo photos from a local HTTP server on 127.0.0.1, "
-                       "runs pipelines/demo.toml end to end with embedded Ray, trains a tiny CLIP for a "
-                       "few CPU steps, evaluates zero-shot, and prints a summary.",
-                       epilog="example:\n  wit-build demo --out runs/demo",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline + a few CPU training steps on the bundled demo data",
+        description="Serves the bundled demo photos from a local HTTP server on 127.0.0.1, "
+        "runs pipelines/demo.toml end to end with embedded Ray, trains a tiny CLIP for a "
+        "few CPU steps, evaluates zero-shot, and prints a summary.",
+        epilog="example:\n  wit-build demo --out runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="runs/demo", metavar="DIR")
     p.add_argument("--pipeline", default=None, help="default: pipelines/demo.toml of this repo")
     p.add_argument("--no-train", action="store_true", help="skip the training and zero-shot steps")
@@ -143,7 +177,8 @@ def _check_run_dir(run_dir: str) -> None:
 
 def _load(pipeline_path: str | None, out: str, overrides: list[str]):
     from wit_builder import io
-    from wit_builder.config import ConfigError, load_pipeline
+    from wit_builder.config import ConfigError
+    from wit_builder.pipeline import load_pipeline
 
     if pipeline_path is None or os.path.isdir(pipeline_path):
         run_dir = pipeline_path or out
@@ -153,8 +188,11 @@ def _load(pipeline_path: str | None, out: str, overrides: list[str]):
         if not io.exists(saved):
             raise ConfigError(f"no pipeline given and none saved in {run_dir} (pipeline.json)")
         data = io.read_json(saved)
-        return load_pipeline(data["source"], list(data.get("overrides", [])) + overrides), run_dir, \
-            list(data.get("overrides", [])) + overrides
+        return (
+            load_pipeline(data["source"], list(data.get("overrides", [])) + overrides),
+            run_dir,
+            list(data.get("overrides", [])) + overrides,
+        )
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a directory")
     return load_pipeline(pipeline_path, overrides), out, overrides
@@ -164,30 +202,29 @@ def _cmd_run(args: argparse.Namespace, stages: list[str] | None) -> int:
     from wit_builder.runner import run_pipeline
 
     pipeline, out, overrides = _load(args.pipeline, args.out, args.overrides)
-    run_pipeline(pipeline, out, stages=stages, from_stage=getattr(args, "from_stage", None),
-                 force=args.force, ray_address=args.ray_address, overrides=overrides)
+    run_pipeline(
+        pipeline,
+        out,
+        stages=stages,
+        from_stage=getattr(args, "from_stage", None),
+        force=args.force,
+        ray_address=args.ray_address,
+        overrides=overrides,
+    )
     return 0
 
 
 def _cmd_retry_failed(args: argparse.Namespace) -> int:
-    from wit_builder import parallel
-    from wit_builder.runner import say
-    from wit_builder.stages import download
-    from wit_builder.stages.base import StageContext
+    from wit_builder.runner import retry_failed_downloads, say
 
     pipeline, out, _ = _load(args.pipeline, args.out, args.overrides)
-    parallel.init(address=args.ray_address, num_cpus=pipeline.run.num_cpus or None)
-    ctx = StageContext(run_dir=out, seed=pipeline.run.seed, num_cpus=pipeline.run.num_cpus or (os.cpu_count() or 1),
-                       progress=pipeline.run.progress, configs=dict(pipeline.stages))
-    result = download.retry_failed(ctx, pipeline.stages["download"])
-    rewritten = result.extra.pop("rewritten_names", [])
+    result = retry_failed_downloads(pipeline, out, args.ray_address)
     say(result.line("download --retry-failed"))
-    if rewritten:
-        from wit_builder.runner import refresh_after_retry
-
-        refresh_after_retry(out, result, rewritten)
-        say(f"{len(rewritten)} download shard(s) changed: filter and shards are out of date; "
-            f"`wit-build run {args.pipeline} --out {out}` redoes them")
+    if result.extra["rewritten"]:
+        say(
+            f"{result.extra['rewritten']} download shard(s) changed: filter and shards are out of date; "
+            f"`wit-build run {args.pipeline} --out {out}` redoes them"
+        )
     return 0
 
 
@@ -226,8 +263,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from wit_builder.demo import run_demo
 
-    return run_demo(out=args.out, pipeline_path=args.pipeline, train=not args.no_train,
-                    overrides=args.overrides)
+    return run_demo(out=args.out, pipeline_path=args.pipeline, train=not args.no_train, overrides=args.overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,35 +272,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
-        if args.command == "run":
-            return _cmd_run(args, None)
-        if args.command in STAGE_ORDER:
-            if args.command == "download" and args.retry_failed:
-                return _cmd_retry_failed(args)
-            if args.pipeline is None:
-                raise ConfigError(f"wit-build {args.command}: a pipeline TOML is required")
-            return _cmd_run(args, [args.command])
-        if args.command == "status":
-            return _cmd_status(args)
-        if args.command == "sql":
-            return _cmd_sql(args)
-        if args.command == "stats":
-            return _cmd_stats(args)
-        if args.command == "demo":
-            return _cmd_demo(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
+        return code
     except ConfigError as e:
         print(f"wit-build: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nwit-build: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `wit-build status DIR | head`: the reader left; stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except Exception as e:  # an unforeseen failure: one clear line, the traceback on request
         if os.environ.get("WIT_DEBUG"):
             raise
-        print(f"wit-build: failed: {type(e).__name__}: {_first_line(e)}\n"
-              "(set WIT_DEBUG=1 for the traceback; rerunning the same command resumes)", file=sys.stderr)
+        print(
+            f"wit-build: failed: {type(e).__name__}: {_first_line(e)}\n"
+            "(set WIT_DEBUG=1 for the traceback; rerunning the same command resumes)",
+            file=sys.stderr,
+        )
         return 1
-    return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from wit_builder.config import ConfigError
+
+    if args.command == "run":
+        return _cmd_run(args, None)
+    if args.command in STAGE_ORDER:
+        if args.command == "download" and args.retry_failed:
+            return _cmd_retry_failed(args)
+        if args.pipeline is None:
+            raise ConfigError(f"wit-build {args.command}: a pipeline TOML is required")
+        return _cmd_run(args, [args.command])
+    commands = {"status": _cmd_status, "sql": _cmd_sql, "stats": _cmd_stats, "demo": _cmd_demo}
+    return commands[args.command](args) if args.command in commands else 2
 
 
 def _first_line(e: BaseException) -> str:

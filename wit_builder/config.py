@@ -1,9 +1,9 @@
-"""TOML pipelines into frozen dataclasses, one per stage; unknown keys and wrong types rejected.
+"""Config tables into frozen dataclasses: unknown keys and wrong types rejected, errors named.
 
-A pipeline file has one table per stage (`[queries]`, `[candidates]`, `[match]`, `[balance]`,
-`[download]`, `[filter]`, `[shards]`) plus `[run]` (seed, cpus) and optional `[train]`. Every
-key of a stage's table is a field of that stage's `Config`. Relative input paths are resolved
-against the directory of the TOML file. `--set section.key=value` overrides take TOML values.
+The leaf every module may import: `ConfigError` (exit code 2), `from_dict`, path fields and
+their resolution, `--set` value parsing and `[run]`. It imports no stage (and of the package
+only `io`, itself a leaf); `wit_builder.pipeline` loads whole pipeline files through the stage
+registry.
 
 Example:
     >>> from dataclasses import dataclass
@@ -21,9 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
-import json
 import math
 import os
 import tomllib
@@ -31,8 +28,6 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_args, get_origin
-
-from wit_builder.stages import STAGE_ORDER
 
 
 class ConfigError(Exception):
@@ -147,14 +142,16 @@ def _resolve_one(p: str, base_dir: str) -> str:
 
 
 def _path_exists(p: str) -> bool:
-    import glob
+    """A file or directory (empty ones too) exists, or a glob matches (io.expand's rule)."""
+    from wit_builder import io  # io is a leaf too: no cycle
 
-    if "://" in p:
-        from wit_builder import io
-
+    if not any(c in p for c in "*?["):
         fs, inner = io.filesystem(p)
-        return bool(fs.glob(inner)) if any(c in inner for c in "*?[") else fs.exists(inner)
-    return bool(glob.glob(p)) if any(c in p for c in "*?[") else os.path.exists(p)
+        return fs.exists(inner)
+    try:
+        return bool(io.expand([p]))
+    except FileNotFoundError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -164,46 +161,6 @@ class RunConfig:
     seed: int = 0
     num_cpus: int = 0  # 0 = all cores of this machine (embedded Ray); ignored with --ray-address
     progress: bool = True
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """A loaded pipeline: the run settings, each stage's Config, and the raw `[train]` table."""
-
-    source: str  # the TOML file
-    run: RunConfig
-    stages: dict[str, Any]  # stage name -> that stage's frozen Config
-    train: dict[str, Any]  # passed to the trainer as-is (validated by it)
-
-    def stage_hash(self, stage: str) -> str:
-        """Hash of one stage's config (plus the seed), for change detection."""
-        payload = {"stage": stage, "seed": self.run.seed, "config": _jsonable(self.stages[stage])}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "run": _jsonable(self.run),
-            **{name: _jsonable(cfg) for name, cfg in self.stages.items()},
-            "train": self.train,
-        }
-
-    def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _jsonable(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return obj
-
-
-def stage_module(name: str):
-    return importlib.import_module(f"wit_builder.stages.{name}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -234,36 +191,3 @@ def set_path(table: dict[str, Any], keys: list[str], value: Any, text: str) -> N
         if not isinstance(node, dict):
             raise ConfigError(f"--set {text!r}: {k!r} is not a table")
     node[keys[-1]] = value
-
-
-def load_pipeline(path: str, overrides: list[str] | None = None, check_paths: bool = True) -> Pipeline:
-    """Load and validate a pipeline TOML; raises ConfigError naming the file and key."""
-    if not os.path.exists(path):
-        raise ConfigError(f"pipeline file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        set_path(raw, keys, value, text)
-    known = {"run", "train", *STAGE_ORDER}
-    for section, value in raw.items():
-        if section not in known:
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sorted(known))})")
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table, got {value!r}")
-    base_dir = os.path.dirname(os.path.abspath(path))
-    run = from_dict(RunConfig, raw.get("run", {}), f"{path} [run]")
-    stages: dict[str, Any] = {}
-    for name in STAGE_ORDER:
-        cls = stage_module(name).Config
-        cfg = from_dict(cls, raw.get(name, {}), f"{path} [{name}]")
-        stages[name] = resolve_paths(cfg, base_dir, f"{path} [{name}]", check=check_paths)
-    train = raw.get("train", {})
-    if train:  # checked now, so that a bad [train] key fails before any stage runs
-        from wit_builder.train.config import config_from_dict
-
-        config_from_dict(train, f"{path} [train]", base_dir=base_dir)
-    return Pipeline(source=os.path.abspath(path), run=run, stages=stages, train=train)

@@ -85,10 +85,9 @@ def start_server(www: str) -> RunningServer:
     return serve_directory(www, port=port)
 
 
-def run_demo(out: str, pipeline_path: str | None = None, train: bool = True,
-             overrides: list[str] | None = None) -> int:
+def run_demo(out: str, pipeline_path: str | None = None, train: bool = True, overrides: list[str] | None = None) -> int:
     """Run the demo into `out`; returns the exit code."""
-    from wit_builder.config import load_pipeline
+    from wit_builder.pipeline import load_pipeline
     from wit_builder.runner import run_pipeline
 
     out = os.path.abspath(out)
@@ -132,7 +131,10 @@ def _train(pipeline: Any, out: str) -> dict[str, Any] | None:
     shutil.rmtree(train_dir, ignore_errors=True)
     print("demo: training a tiny CLIP on the shards (CPU) and evaluating it zero-shot", file=sys.stderr)
     summary = train_and_zero_shot(
-        manifest, train_dir, os.path.join(DEMO_DIR, "images"), os.path.join(DEMO_DIR, "captions.parquet"),
+        manifest,
+        train_dir,
+        os.path.join(DEMO_DIR, "images"),
+        os.path.join(DEMO_DIR, "captions.parquet"),
         table=pipeline.train or None,
     )
     io.write_json({"key": key, "summary": summary}, saved)
@@ -148,15 +150,18 @@ def print_summary(out: str, results: dict[str, Any], training: dict[str, Any] | 
         check = "ok" if r.rows_out + sum(r.dropped.values()) == r.rows_in else "MISMATCH"
         lines.append(f"  {name:<11} {r.rows_in:>6} -> {r.rows_out:<6} dropped: {drops}  [accounting {check}]")
     manifest = io.read_json(os.path.join(out, "shards", "manifest.json"))
-    lines.append(f"shards: {len(manifest['tars'])} tar(s), {manifest['total_samples']} samples, "
-                 f"{manifest['total_bytes']:,} bytes -> {os.path.join(out, 'shards', 'manifest.json')}")
+    lines.append(
+        f"shards: {len(manifest['tars'])} tar(s), {manifest['total_samples']} samples, "
+        f"{manifest['total_bytes']:,} bytes -> {os.path.join(out, 'shards', 'manifest.json')}"
+    )
     sql = "SELECT query_text, count(*) AS n FROM shards GROUP BY 1 ORDER BY n DESC, 1 LIMIT 8"
     cols, rows = query(out, sql)
     lines += ["", f'$ wit-build sql {out} "{sql}"', format_table(cols, rows)]
     if training:
         lines += ["", "training (tiny CLIP, random init, CPU):"]
         lines += [f"  {k}: {round(v, 4) if isinstance(v, float) else v}" for k, v in training.items()]
-        lines.append(f"  ({training['steps']} steps of a random-init model: this shows the path works, "
-                     "not model quality)")
+        lines.append(
+            f"  ({training['steps']} steps of a random-init model: this shows the path works, not model quality)"
+        )
     lines.append("=" * 72)
     print("\n".join(lines))

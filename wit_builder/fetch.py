@@ -4,7 +4,8 @@ What img2dataset's urllib fetch lacks and this module does:
 - only http/https (file://, ftp://, data: are refused with "bad_scheme");
 - a *total* deadline per image (a watchdog thread shuts the socket down when it passes, so a
   slow-drip server cannot hold a thread past it, not even while headers trickle in);
-- a max-bytes cap (Content-Length checked first, then the streamed body);
+- a max-bytes cap (Content-Length checked first, then the streamed body), the body read into
+  one buffer (sized from Content-Length when given) and handed on without a second copy;
 - redirects followed one hop at a time; each hop's scheme is checked, its host resolved once
   (cached) and the connection made to exactly that checked IP (TLS still verifies the host
   name), so DNS rebinding between the check and the connect is not possible;
@@ -37,17 +38,19 @@ from __future__ import annotations
 
 import heapq
 import http.client
+import io
 import ipaddress
 import itertools
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
 DEFAULT_OPTOUT = ("noai", "noimageai", "noindex", "noimageindex")
+_READ_SIZE = 1 << 16  # bytes asked for per body read (one system call at most)
 
 # failures worth another try later (`wit-build download --retry-failed`)
 TRANSIENT_ERRORS = frozenset(
@@ -137,8 +140,8 @@ class _Watchdog:
                 heapq.heappop(self._heap)
                 sock = entry[0]
             if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
+                try:  # the plain socket's shutdown: SSLSocket's own would drop its SSL object under
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # a reader (ValueError, not EOF)
                 except OSError:
                     pass
 
@@ -311,7 +314,8 @@ class Fetcher:
         try:
             try:
                 conn.connect()
-                entry = _WATCHDOG.arm(deadline, conn.sock)
+                sock = conn.sock  # getresponse() drops conn.sock when the server will close
+                entry = _WATCHDOG.arm(deadline, sock)
                 conn.putrequest("GET", _quote_target(parts), skip_host=True, skip_accept_encoding=True)
                 default_port = 443 if https else 80
                 host_header = f"[{host}]" if ":" in host else host
@@ -334,14 +338,13 @@ class Fetcher:
                     resp.headers.get_all("X-Robots-Tag") or [], self._token, self._directives
                 ):
                     raise _Failure("optout")
-                length = resp.getheader("Content-Length")
-                if length and length.strip().isdigit() and int(length) > self.s.max_bytes:
+                if resp.length is not None and resp.length > self.s.max_bytes:  # Content-Length
                     raise _Failure("too_large")
-                result.data = self._read_body(resp, conn, deadline)
+                result.data = self._read_body(resp, sock, deadline)
                 return None
             except _Failure:
                 raise
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise _Failure("timeout") from None
             except ssl.SSLError:
                 raise _Failure("timeout" if time.monotonic() >= deadline else "tls_error") from None
@@ -356,20 +359,24 @@ class Fetcher:
                 _WATCHDOG.disarm(entry)
             conn.close()
 
-    def _read_body(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, deadline: float) -> bytes:
-        chunks: list[bytes] = []
+    def _read_body(self, resp: http.client.HTTPResponse, sock: socket.socket, deadline: float) -> bytes:
+        """The body, under the byte cap and the deadline, read into one buffer and returned as is.
+
+        With a Content-Length (already checked against max_bytes) the buffer is allocated once
+        at that size; otherwise it grows as data comes. `getvalue()` hands the buffer itself
+        on, so the body is never held twice. Each read is at most one system call, with the
+        time left as socket timeout and the deadline checked between reads; the watchdog cuts
+        a read that straddles it.
+        """
+        cap, expected = self.s.max_bytes, resp.length
+        buf = io.BytesIO(bytes(expected)) if expected else io.BytesIO()  # zeroed lazily by the OS
         total = 0
-        cap = self.s.max_bytes
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Failure("timeout")
-            if conn.sock is not None:
-                conn.sock.settimeout(remaining)
-            chunk = resp.read1(min(1 << 16, cap + 1 - total)) if total <= cap else b""
+        while expected is None or total < expected:
+            _set_timeout(sock, deadline)
+            chunk = resp.read1(min(_READ_SIZE, cap + 1 - total))
             if not chunk:
                 break
-            chunks.append(chunk)
+            buf.write(chunk)
             total += len(chunk)
             if total > cap:
                 raise _Failure("too_large")
@@ -377,7 +384,18 @@ class Fetcher:
             raise _Failure("timeout")
         if resp.length:  # the server closed before sending all of Content-Length
             raise _Failure("connection_error")
-        return b"".join(chunks)
+        return buf.getvalue()
+
+
+def _set_timeout(sock: socket.socket, deadline: float) -> None:
+    """Make the time left before `deadline` the socket's timeout; "timeout" once it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _Failure("timeout")
+    try:
+        sock.settimeout(remaining)
+    except OSError:  # already closed by the response: its reads end on their own
+        pass
 
 
 def _system_resolve(host: str, port: int) -> list[str]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -41,8 +42,17 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def exists(path: str) -> bool:
+def _fresh(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, inner path) with any cached listing of the path dropped: other processes
+    (Ray workers) write to the run dir, so a cached listing of an object store is never trusted."""
     fs, inner = filesystem(path)
+    if not is_local(path):
+        fs.invalidate_cache(inner)
+    return fs, inner
+
+
+def exists(path: str) -> bool:
+    fs, inner = _fresh(path)
     return fs.exists(inner)
 
 
@@ -60,12 +70,76 @@ def remove(path: str) -> None:
 
 def listdir(path: str, suffix: str = "") -> list[str]:
     """Full paths of the entries directly under `path` ending in `suffix`, sorted."""
-    fs, inner = filesystem(path)
+    fs, inner = _fresh(path)
     if not fs.exists(inner):
         return []
     protocol = path.split("://", 1)[0] + "://" if not is_local(path) else ""
     names = [p if not protocol else protocol + p for p in fs.ls(inner, detail=False)]
     return sorted(n for n in names if n.endswith(suffix) and not os.path.basename(n).startswith("."))
+
+
+def expand(patterns: Iterable[str]) -> list[str]:
+    """The files that input patterns name: globs expanded, directories listed recursively
+    (names starting with "." or "_" skipped), local or fsspec; sorted per pattern, de-duplicated.
+    The one input-expansion rule of the package. A pattern matching nothing raises
+    FileNotFoundError naming it.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp(); open(os.path.join(d, "a.csv"), "w").close()
+    >>> [os.path.basename(p) for p in expand([d, os.path.join(d, "*.csv")])]
+    ['a.csv']
+    """
+    out: list[str] = []
+    for pattern in patterns:
+        fs, _, paths = fsspec.get_fs_token_paths(pattern)
+        protocol = pattern.split("://", 1)[0] + "://" if not is_local(pattern) else ""
+        if protocol:
+            fs.invalidate_cache()
+        found: list[str] = []
+        for p in paths:
+            if fs.isdir(p):
+                found += [f for f in fs.find(p) if not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+            elif fs.exists(p):
+                found.append(p)
+        if not found:
+            raise FileNotFoundError(f"no input file matches {pattern!r}")
+        out += sorted(f if not protocol or "://" in f else protocol + f for f in found)
+    return list(dict.fromkeys(out))
+
+
+def file_stats(patterns: Iterable[str]) -> list[list[Any]]:
+    """[path, size, mtime] of every file `expand` finds for each pattern ([pattern, None, None]
+    for one that matches nothing), for fingerprints: rewriting a file inside a directory input
+    changes them."""
+    out: list[list[Any]] = []
+    for pattern in patterns:
+        try:
+            paths = expand([pattern])
+        except FileNotFoundError:
+            out.append([pattern, None, None])
+            continue
+        for path in paths:
+            fs, inner = filesystem(path)
+            info = fs.info(inner)
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+            out.append([path, info.get("size"), str(mtime) if mtime is not None else None])
+    return out
+
+
+def is_tmp_name(name: str) -> bool:
+    """True for the temporary names `write_*` use (".{name}.{id}.tmp")."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith(".tmp")
+
+
+def remove_stale_tmp(directory: str) -> None:
+    """Delete the temporary files a killed run left directly under `directory`."""
+    fs, inner = _fresh(directory)
+    if not fs.exists(inner):
+        return
+    for p in fs.ls(inner, detail=False):
+        if is_tmp_name(p):
+            fs.rm(p, recursive=True)
 
 
 def _tmp_name(path: str) -> str:
@@ -81,6 +155,17 @@ def _commit(tmp: str, path: str) -> None:
         os.replace(inner_tmp, inner)
     else:
         fs.mv(inner_tmp, inner)
+
+
+def tmp_name(path: str) -> str:
+    """The temporary name (".{name}.{id}.tmp", next to `path`) to stream a file to before
+    `commit` renames it into place; for writers outside this module (wit_builder.tario)."""
+    return _tmp_name(path)
+
+
+def commit(tmp: str, path: str) -> None:
+    """Rename a finished temporary file (`tmp_name`) to `path`, replacing any file there."""
+    _commit(tmp, path)
 
 
 def write_bytes(data: bytes, path: str) -> None:

@@ -1,8 +1,9 @@
 """The one module that talks to Ray: start it, run tasks or per-worker actors, show progress.
 
-Stages call `map_tasks` (a pure function per item) or `map_actors` (an expensive `setup()` run
-once per worker, e.g. building a 500k-query automaton or loading a model, then a function per
-item). Results come back as items finish, with a progress bar.
+The executor (wit_builder.executor) calls `map_tasks` (a pure function per item) or
+`map_actors` (an expensive `setup()` run once per worker, e.g. building a 500k-query automaton
+or loading a model, then a function per item); stages never call this module. Results come
+back as items finish, with a progress bar.
 
 Example:
     >>> init(num_cpus=1)                                    # doctest: +SKIP
@@ -15,7 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from wit_builder.progress import bar
 
@@ -40,8 +42,9 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=True)
     if address:
         ray.init(address=address, logging_level=logging.WARNING, **kwargs)
-    else:  # embedded: quiet (Ray's start-up warnings, e.g. about token auth, mean nothing here)
-        ray.init(num_cpus=num_cpus or os.cpu_count(), logging_level=logging.ERROR, **kwargs)
+    else:  # embedded: always a private local instance, whatever RAY_ADDRESS or a `ray start`
+        # on this host says; quiet (its start-up warnings, e.g. about token auth, mean nothing here)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), logging_level=logging.ERROR, **kwargs)
 
 
 def shutdown() -> None:
@@ -65,50 +68,75 @@ def map_tasks(
     max_in_flight: int | None = None,
     num_cpus: float = 1,
     unit: str = "part",
+    capture_errors: bool = False,
 ) -> Iterator[tuple[T, R]]:
-    """Run `fn(item)` as Ray tasks (retried on failure); yield (item, result) as they finish.
+    """Run `fn(item)` as Ray tasks; yield (item, result) as they finish.
 
     `fn` may be any picklable callable (a `functools.partial` included); it is shipped once.
+    A task whose worker dies is retried `max_retries` times; an exception raised by `fn` is not
+    retried here: it is raised (see `_get`), or with `capture_errors` yielded as the result.
     """
     ray = _ray()
     init()
     name = _name_of(fn)
-    remote = ray.remote(_apply).options(
-        max_retries=max_retries, retry_exceptions=list(TRANSIENT), num_cpus=num_cpus, name=name
-    )
+    remote = ray.remote(_apply).options(max_retries=max_retries, retry_exceptions=False, num_cpus=num_cpus, name=name)
     fn_ref = ray.put(fn)
     limit = max_in_flight or max(1, cluster_cpus() * 2)
     pending: dict[Any, T] = {}
     queue = list(items)
-    with bar(total=len(queue), desc=desc, unit=unit, enabled=progress) as pbar:
-        while queue or pending:
-            while queue and len(pending) < limit:
-                item = queue.pop(0)
-                pending[remote.remote(fn_ref, item)] = item
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                item = pending.pop(ref)
-                yield item, _get(ray, ref, name)
-                pbar.update(1)
+    queue.reverse()  # pop() from the end takes items in order
+    try:
+        with bar(total=len(queue), desc=desc, unit=unit, enabled=progress) as pbar:
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    item = queue.pop()
+                    pending[remote.remote(fn_ref, item)] = item
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    item = pending.pop(ref)
+                    yield item, _get(ray, ref, name, capture_errors)
+                    pbar.update(1)
+    finally:  # the caller stopped early (an error): tasks still in flight are not left running
+        for ref in pending:
+            ray.cancel(ref)
 
 
-# exceptions worth retrying a task for (I/O hiccups); a crashed or killed worker is retried
-# anyway (`max_retries`), and a deterministic error (bad input, a bug) is not retried
-TRANSIENT = (OSError, TimeoutError, ConnectionError)
+def is_worker_death(error: BaseException) -> bool:
+    """True for Ray's errors that mean a worker or actor died (not the task's own exception)."""
+    ray = _ray()
+    return isinstance(
+        error,
+        (
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.ActorDiedError,
+            ray.exceptions.ActorUnavailableError,
+            ray.exceptions.NodeDiedError,
+            ray.exceptions.OwnerDiedError,
+            ray.exceptions.ObjectLostError,
+        ),
+    )
 
 
-def _get(ray, ref, name: str):
-    """ray.get, re-raising a task's ConfigError as itself (a clear message, exit code 2) and any
-    other task error as a RuntimeError naming the task and the cause (remote traceback chained)."""
+def _get(ray, ref, name: str, capture: bool = False):
+    """ray.get, re-raising a task's own exception as itself when it is a ConfigError (a clear
+    message, exit code 2), any other as a RuntimeError naming the task and the cause (remote
+    traceback chained). With `capture`, the task's exception (or Ray's, for a dead worker) is
+    returned instead of raised."""
     from wit_builder.config import ConfigError
 
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
+        if capture:
+            return cause if isinstance(cause, BaseException) else e
         if isinstance(cause, ConfigError):
             raise cause from None
         raise RuntimeError(f"Ray task {name} failed: {type(cause).__name__}: {cause}") from e
+    except ray.exceptions.RayError as e:
+        if capture:
+            return e
+        raise
 
 
 def _name_of(fn: Callable) -> str:
@@ -142,12 +170,13 @@ def map_actors(
     total: int | None = None,
     unit: str = "part",
     num_gpus: float = 0,
+    capture_errors: bool = False,
 ) -> Iterator[tuple[T, R]]:
     """Run `setup()` once in each of `num_actors` workers, then `fn(state, item)` per item there.
 
     Yields (item, result) as they finish; at most two items in flight per actor, so `items`
     may be a lazy stream. `num_gpus` reserves GPUs per actor (Ray hides GPUs from actors
-    that reserve none).
+    that reserve none). A dead actor is restarted and its call retried; errors as in `map_tasks`.
     """
     ray = _ray()
     init()
@@ -177,7 +206,7 @@ def map_actors(
                 for ref in done:
                     item, a = pending.pop(ref)
                     load[a] -= 1
-                    yield item, _get(ray, ref, name)
+                    yield item, _get(ray, ref, name, capture_errors)
                     pbar.update(1)
     finally:
         for actor in actors:

@@ -88,6 +88,14 @@ def _table(cols: list[str], rows: list[tuple]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+_STYLE = (
+    "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style>"
+)
+
+Section = tuple[list[str], list[str | None]]  # (HTML parts, plot file names or None)
+
+
 def write_report(run_dir: str) -> str:
     """Write `run_dir/report/report.html` (+ PNGs) and return its path. The run dir must be local."""
     if not io.exists(run_dir):
@@ -98,9 +106,28 @@ def write_report(run_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     con = connect(run_dir)
     have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-    states = stage_states(run_dir)
     parts = [f"<h1>wit-builder run report</h1><p>{html.escape(os.path.abspath(run_dir))}</p>"]
+    plots: list[str | None] = []
+    for section in (
+        _stages_section(stage_states(run_dir), out_dir),
+        _queries_section(con, have, out_dir),
+        _downloads_section(con, have, out_dir),
+        _filter_section(con, have),
+        _shards_section(con, have, run_dir, out_dir),
+    ):
+        parts += section[0]
+        plots += section[1]
+    parts += ["<h2>Plots</h2>"] + [f'<p><img src="{p}" alt="{p}"></p>' for p in plots if p]
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>wit-builder report</title>"
+        f"{_STYLE}</head><body>" + "\n".join(parts) + "</body></html>\n"
+    )
+    path = os.path.join(out_dir, "report.html")
+    io.write_bytes(page.encode(), path)
+    return path
 
+
+def _stages_section(states: list, out_dir: str) -> Section:
     rows = []
     for s in states:
         if s.result:
@@ -108,41 +135,58 @@ def write_report(run_dir: str) -> str:
             rows.append((s.name, s.state, s.result.rows_in, s.result.rows_out, drops, f"{s.result.seconds:.1f}"))
         else:
             rows.append((s.name, s.state, "", "", "", ""))
-    parts += ["<h2>Stages</h2>", _table(["stage", "state", "in", "out", "dropped by reason", "seconds"], rows)]
-    plots = [_funnel(states, out_dir)]
+    table = _table(["stage", "state", "in", "out", "dropped by reason", "seconds"], rows)
+    return ["<h2>Stages</h2>", table], [_funnel(states, out_dir)]
 
-    if "query_counts" in have:
+
+def _queries_section(con: Any, have: set[str], out_dir: str) -> Section:
+    if "query_counts" not in have:
+        return [], []
+    top = []
+    if "queries" in have:
         top = con.execute(
             "SELECT q.text, c.containing, c.attributed FROM query_counts c JOIN queries q USING (query_id) "
             "ORDER BY c.containing DESC, q.text LIMIT 20"
-        ).fetchall() if "queries" in have else []
-        parts += ["<h2>Head queries</h2>", _table(["query", "containing", "attributed"], top)]
-        plots.append(_query_balance(con, out_dir))
-    if "samples" in have:
-        errs = con.execute(
-            "SELECT status, coalesce(error, '') AS error, count(*) n FROM samples GROUP BY ALL ORDER BY n DESC"
         ).fetchall()
-        parts += ["<h2>Downloads</h2>", _table(["status", "error", "count"], errs)]
-        widths = [r[0] for r in con.execute(
-            "SELECT original_width FROM samples WHERE status = 'success' AND original_width IS NOT NULL").fetchall()]
-        plots.append(_histogram(widths, "original image width of downloaded images", "pixels", out_dir, "widths.png"))
-    if "filtered" in have:
-        drops = con.execute(
-            "SELECT coalesce(drop_reason, '(kept)') r, count(*) n FROM filtered GROUP BY 1 ORDER BY n DESC"
-        ).fetchall()
-        parts += ["<h2>Filter</h2>", _table(["drop reason", "count"], drops)]
-    if "shards" in have:
-        caps = [r[0] for r in con.execute("SELECT length(caption) FROM shards").fetchall()]
-        plots.append(_histogram(caps, "caption length in the final shards", "characters", out_dir, "captions.png"))
-        manifest_path = os.path.join(run_dir, "shards", "manifest.json")
-        if os.path.exists(manifest_path):
-            m = io.read_json(manifest_path)
-            parts.append(f"<h2>Shards</h2><p>{len(m['tars'])} tars, {m['total_samples']} samples, "
-                         f"{m['total_bytes']:,} bytes; config hash {html.escape(str(m.get('config_hash')))}</p>")
-    parts += ["<h2>Plots</h2>"] + [f'<p><img src="{p}" alt="{p}"></p>' for p in plots if p]
-    style = ("<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style>")
-    path = os.path.join(out_dir, "report.html")
-    io.write_bytes(("<!doctype html><html><head><meta charset='utf-8'><title>wit-builder report</title>"
-                    + style + "</head><body>" + "\n".join(parts) + "</body></html>\n").encode(), path)
-    return path
+    table = _table(["query", "containing", "attributed"], top)
+    return ["<h2>Head queries</h2>", table], [_query_balance(con, out_dir)]
+
+
+def _downloads_section(con: Any, have: set[str], out_dir: str) -> Section:
+    if "samples" not in have:
+        return [], []
+    errs = con.execute(
+        "SELECT status, coalesce(error, '') AS error, count(*) n FROM samples GROUP BY ALL ORDER BY n DESC"
+    ).fetchall()
+    widths = con.execute(
+        "SELECT original_width FROM samples WHERE status = 'success' AND original_width IS NOT NULL"
+    ).fetchall()
+    plot = _histogram(
+        [r[0] for r in widths], "original image width of downloaded images", "pixels", out_dir, "widths.png"
+    )
+    return ["<h2>Downloads</h2>", _table(["status", "error", "count"], errs)], [plot]
+
+
+def _filter_section(con: Any, have: set[str]) -> Section:
+    if "filtered" not in have:
+        return [], []
+    drops = con.execute(
+        "SELECT coalesce(drop_reason, '(kept)') r, count(*) n FROM filtered GROUP BY 1 ORDER BY n DESC"
+    ).fetchall()
+    return ["<h2>Filter</h2>", _table(["drop reason", "count"], drops)], []
+
+
+def _shards_section(con: Any, have: set[str], run_dir: str, out_dir: str) -> Section:
+    if "shards" not in have:
+        return [], []
+    caps = [r[0] for r in con.execute("SELECT length(caption) FROM shards").fetchall()]
+    plot = _histogram(caps, "caption length in the final shards", "characters", out_dir, "captions.png")
+    parts = []
+    manifest_path = os.path.join(run_dir, "shards", "manifest.json")
+    if os.path.exists(manifest_path):
+        m = io.read_json(manifest_path)
+        parts.append(
+            f"<h2>Shards</h2><p>{len(m['tars'])} tars, {m['total_samples']} samples, "
+            f"{m['total_bytes']:,} bytes; config hash {html.escape(str(m.get('config_hash')))}</p>"
+        )
+    return parts, [plot]

@@ -5,11 +5,12 @@ Three steps per downloaded body:
    non-images ("not_an_image"), more than `max_pixels` pixels ("too_many_pixels", so a
    20000x20000 PNG bomb is never decoded) and JPEGs whose last scan has no end marker
    ("truncated": OpenCV would silently decode the missing part as grey).
-2. `prepare(data, info)`: most bodies (8-bit JPEG/PNG/WebP without EXIF rotation) go to the
-   resizer untouched. The few that img2dataset's OpenCV decode gets wrong are normalised with
-   PIL first: EXIF orientation applied, CMYK -> RGB, 16-bit -> 8-bit (scaled, not clipped),
-   alpha/palette transparency matted on white (img2dataset's rule), GIF/other formats ->
-   first frame in RGB. They are handed over as a lossless BMP.
+2. `prepare(data, info)`: most bodies (8-bit colour JPEG/PNG/WebP without EXIF rotation) go
+   to the resizer untouched. The rest, which img2dataset's OpenCV decode gets wrong or keeps
+   in a mode other than RGB, are normalised with PIL first: EXIF orientation applied, CMYK ->
+   RGB, 16-bit -> 8-bit (scaled, not clipped), alpha/palette transparency matted on white
+   (img2dataset's rule), greyscale and 1-bit -> RGB, GIF/other formats -> first frame in RGB.
+   They are handed over as a lossless 3-channel BMP, so every stored image is RGB.
 3. `ImageResizer(settings)(prepared)`: img2dataset's `Resizer` (resize modes "no",
    "keep_ratio", "center_crop", "border", "keep_ratio_largest"; encode format jpg/png/webp and
    quality) does the resize and the encode; a decode failure is "decode_error".
@@ -35,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import os
 import threading
@@ -146,9 +146,9 @@ def inspect(data: bytes, max_pixels: int) -> ImageInfo:
                 orientation = im.getexif().get(0x0112, 1)
             except Exception:
                 orientation = 1
-            info.needs_normalize = mode not in ("RGB", "L") or orientation not in (1, None)
-        elif fmt == "PNG":
-            info.needs_normalize = _png_bit_depth(data) == 16 or mode not in ("RGB", "RGBA", "L", "P", "LA")
+            info.needs_normalize = mode != "RGB" or orientation not in (1, None)
+        elif fmt == "PNG":  # OpenCV expands palette and grey+alpha to BGR(A), but keeps plain grey
+            info.needs_normalize = _png_bit_depth(data) == 16 or mode not in ("RGB", "RGBA", "P", "LA")
         elif fmt == "WEBP":
             info.needs_normalize = mode not in ("RGB", "RGBA")
         else:
@@ -173,11 +173,12 @@ def prepare(data: bytes, info: ImageInfo) -> bytes:
 
 
 def _normalise(data: bytes, info: ImageInfo) -> bytes:
+    """Decode with PIL, apply EXIF orientation, and encode as a lossless 3-channel BMP."""
     import cv2
-    import numpy as np
-    from PIL import ImageOps
 
     Image = _pil()
+    from PIL import ImageOps
+
     with Image.open(io.BytesIO(data)) as src:
         src.seek(0)
         try:
@@ -186,24 +187,64 @@ def _normalise(data: bytes, info: ImageInfo) -> bytes:
             im = src.copy()
     if im is None:
         raise ImageRejected("decode_error")
-    mode = im.mode
-    if mode.startswith("I;16") or (mode == "I" and info.format == "PNG" and _png_bit_depth(data) == 16):
-        arr = (np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)
-    elif mode in ("I", "F"):
-        arr = np.clip(np.asarray(im, dtype=np.float32), 0, 255).astype(np.uint8)
-    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[:, :, 3:4]
-        rgb = alpha / 255 * rgba[:, :, :3] + 255 - alpha  # matte on white, as img2dataset does
-        arr = np.rint(rgb.clip(0, 255)).astype(np.uint8)[:, :, ::-1]
-    elif mode in ("L", "1"):
-        arr = np.asarray(im.convert("L"))
-    else:
-        arr = np.asarray(im.convert("RGB"))[:, :, ::-1]
-    ok, enc = cv2.imencode(".bmp", np.ascontiguousarray(arr))
+    ok, enc = cv2.imencode(".bmp", _to_bgr(im, _known_16bit(data, info)))
     if not ok:
         raise ImageRejected("decode_error")
     return enc.tobytes()
+
+
+def _known_16bit(data: bytes, info: ImageInfo) -> bool:
+    """True when the file itself says its samples are 16-bit (a PNG's IHDR bit depth)."""
+    return info.format == "PNG" and _png_bit_depth(data) == 16
+
+
+def _to_bgr(im, known_16bit: bool = False):
+    """`im` as a contiguous uint8 BGR array (H, W, 3), whatever its mode."""
+    import cv2
+    import numpy as np
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = _wide_grey_to_8bit(np.asarray(im), sixteen=known_16bit or mode.startswith("I;16"))
+        return cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[:, :, 3:4]
+        rgb = alpha / 255 * rgba[:, :, :3] + 255 - alpha  # matte on white, as img2dataset does
+        return cv2.cvtColor(np.rint(rgb.clip(0, 255)).astype(np.uint8), cv2.COLOR_RGB2BGR)
+    if mode in ("L", "1"):
+        return cv2.cvtColor(np.asarray(im.convert("L")), cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)  # P, CMYK, YCbCr, RGB ...
+
+
+def _wide_grey_to_8bit(arr, sixteen: bool):
+    """8-bit grey from 16/32-bit or float samples, scaled by the sample width, not clipped.
+
+    16-bit samples keep their top byte (0x8000 -> 128). A 32-bit "I" image of unknown width is
+    scaled by its largest value: up to 255 as 8-bit, up to 65535 as 16-bit, beyond as 31-bit.
+    Floats are taken as 0-255 values (clipped), as before.
+
+    >>> import numpy as np
+    >>> _wide_grey_to_8bit(np.array([[0, 0x8000, 0xFFFF]], np.uint16), sixteen=True).tolist()
+    [[0, 128, 255]]
+    >>> _wide_grey_to_8bit(np.array([[7, 200]], np.int32), sixteen=False).tolist()
+    [[7, 200]]
+    >>> _wide_grey_to_8bit(np.array([[-5, 0x8000]], np.int32), sixteen=False).tolist()
+    [[0, 128]]
+    """
+    import numpy as np
+
+    if arr.dtype.kind == "f":
+        return np.clip(arr, 0, 255).astype(np.uint8)
+    if sixteen:
+        shift = 8
+    else:
+        top = int(arr.max(initial=0))
+        shift = 0 if top <= 0xFF else 8 if top <= 0xFFFF else 23
+    wide = np.clip(arr, 0, None)  # a writable copy in the source dtype; shifted in place
+    np.right_shift(wide, shift, out=wide)
+    np.minimum(wide, 255, out=wide)
+    return wide.astype(np.uint8)
 
 
 _RESIZE_LOCK = threading.Lock()

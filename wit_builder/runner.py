@@ -13,18 +13,20 @@ Example (see tests/test_runner.py for a full run):
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 from wit_builder import __version__, io
-from wit_builder.config import ConfigError, Pipeline, stage_module
+from wit_builder.config import ConfigError
+from wit_builder.pipeline import Pipeline
 from wit_builder.stages import OUTPUT_DIR, STAGE_ORDER
 from wit_builder.stages.base import StageContext, StageResult, Timer
+from wit_builder.stages.registry import stage_module
 
 SUCCESS = "_SUCCESS.json"
 FINGERPRINT = "_FINGERPRINT.json"
@@ -35,20 +37,14 @@ def say(msg: str) -> None:
 
 
 def _input_files(cfg: Any) -> list[list[Any]]:
-    """(path, size, mtime) of every local file named by the config's path fields."""
-    out: list[list[Any]] = []
+    """[path, size, mtime] of every file the config's path fields expand to (a directory input:
+    every file inside it), local or on an object store."""
+    patterns: list[str] = []
     for f in fields(cfg):
-        if not f.metadata.get("path"):
-            continue
-        value = getattr(cfg, f.name)
-        for p in value if isinstance(value, (list, tuple)) else [value]:
-            if not p or "://" in p:
-                out.append([p, None, None])
-                continue
-            for hit in sorted(glob.glob(p)) or [p]:
-                st = os.stat(hit) if os.path.exists(hit) else None
-                out.append([hit, st.st_size if st else None, int(st.st_mtime) if st else None])
-    return out
+        if f.metadata.get("path"):
+            value = getattr(cfg, f.name)
+            patterns += [p for p in (value if isinstance(value, (list, tuple)) else [value]) if p]
+    return io.file_stats(patterns)
 
 
 def fingerprints(pipeline: Pipeline) -> dict[str, str]:
@@ -95,8 +91,13 @@ def stage_states(run_dir: str, fps: dict[str, str] | None = None) -> list[StageS
 def save_run_config(pipeline: Pipeline, run_dir: str, overrides: list[str]) -> None:
     io.makedirs(run_dir)
     io.write_json(
-        {"tool_version": __version__, "source": pipeline.source, "overrides": overrides,
-         "config_hash": pipeline.config_hash(), "resolved": pipeline.to_json()},
+        {
+            "tool_version": __version__,
+            "source": pipeline.source,
+            "overrides": overrides,
+            "config_hash": pipeline.config_hash(),
+            "resolved": pipeline.to_json(),
+        },
         io.join(run_dir, "pipeline.json"),
     )
 
@@ -117,92 +118,133 @@ def run_pipeline(
     A finished stage with the same fingerprint is skipped (its saved result is returned);
     `force` redoes the selected stages anyway.
     """
-    selected = list(stages or STAGE_ORDER)
-    if from_stage:
-        if from_stage not in STAGE_ORDER:
-            raise ConfigError(f"--from: unknown stage {from_stage!r} (stages: {', '.join(STAGE_ORDER)})")
-        selected = [s for s in STAGE_ORDER if STAGE_ORDER.index(s) >= STAGE_ORDER.index(from_stage)]
+    selected = _selected(stages, from_stage)
     for name in selected:  # cheap input checks of every selected stage, before any work
         preflight = getattr(stage_module(name), "preflight", None)
         if preflight is not None:
-            preflight(pipeline.stages[name])
+            preflight(pipeline.config_for(name))
     fps = fingerprints(pipeline)
     save_run_config(pipeline, run_dir, overrides or [])
-    configs: dict[str, Any] = dict(pipeline.stages)
-    configs["_config_hash"] = pipeline.config_hash()
-    ctx = StageContext(
-        run_dir=run_dir, seed=pipeline.run.seed, num_cpus=pipeline.run.num_cpus or (os.cpu_count() or 1),
-        progress=pipeline.run.progress, force=force, configs=configs,
-    )
+    ctx = _context(pipeline, run_dir)
     results: dict[str, StageResult] = {}
-    announced_change = False
-    ray_started = False
-    for name in STAGE_ORDER:
-        if name not in selected:
-            continue
-        out_dir = ctx.stage_dir(name)
-        success_path = io.join(out_dir, SUCCESS)
-        fp_path = io.join(out_dir, FINGERPRINT)
-        if io.exists(success_path) and not force:
-            done = io.read_json(success_path)
-            if done.get("fingerprint") == fps[name]:
-                result = StageResult.from_json(done["result"])
-                results[name] = result
-                say(f"{name}: up to date, skipped ({result.rows_out} rows)")
-                if on_result:
-                    on_result(name, result, True)
-                continue
-        if io.exists(fp_path):
-            old = io.read_json(fp_path).get("fingerprint")
-            if old != fps[name] or force:
-                if not announced_change and old != fps[name]:
-                    later = ", ".join(STAGE_ORDER[STAGE_ORDER.index(name):])
-                    say(f"{name}: config or inputs changed since the last run -> redoing {later}")
-                    announced_change = True
-                io.remove(out_dir)
-            else:
-                say(f"{name}: resuming an unfinished run")
-        io.makedirs(out_dir)
-        io.write_json({"fingerprint": fps[name]}, fp_path)
-        _check_inputs_ready(run_dir, name, fps)
-        if not ray_started:
-            from wit_builder import parallel
-
-            parallel.init(address=ray_address, num_cpus=pipeline.run.num_cpus or None)
-            ray_started = True
-        module = stage_module(name)
-        say(f"{name}: running")
-        with Timer() as t:
-            result = module.run(ctx, pipeline.stages[name])
-        result.seconds = t.seconds
-        result.check_accounting()
-        io.write_json({"fingerprint": fps[name], "result": result.to_json()}, success_path)
+    announced_change = ray_started = False
+    for name in (s for s in STAGE_ORDER if s in selected):
+        result = None if force else _finished_result(ctx, name, fps[name])
+        skipped = result is not None
+        if skipped:
+            say(f"{name}: up to date, skipped ({result.rows_out} rows)")
+        else:
+            announced_change = _prepare_stage_dir(ctx, name, fps[name], force, announced_change)
+            _check_inputs_ready(run_dir, name, fps)
+            if not ray_started:
+                _start_ray(pipeline, ray_address)
+                ray_started = True
+            result = _run_stage(ctx, name, pipeline.config_for(name), fps[name])
         results[name] = result
-        say(result.line(name))
         if on_result:
-            on_result(name, result, False)
+            on_result(name, result, skipped)
     return results
 
 
-def refresh_after_retry(run_dir: str, download_result: StageResult, rewritten: list[str]) -> None:
-    """After `download --retry-failed` rewrote some shards: record the new download counts and
-    make the next run redo what depends on them (filter features of those shards, the global
-    filter decisions, and the final shards); untouched shards' filter features are kept."""
-    from wit_builder.stages.filter import FEATURES_DIR
+def _selected(stages: list[str] | None, from_stage: str | None) -> list[str]:
+    if not from_stage:
+        return list(stages or STAGE_ORDER)
+    if from_stage not in STAGE_ORDER:
+        raise ConfigError(f"--from: unknown stage {from_stage!r} (stages: {', '.join(STAGE_ORDER)})")
+    return list(STAGE_ORDER[STAGE_ORDER.index(from_stage) :])
 
-    dl_success = io.join(run_dir, OUTPUT_DIR["download"], SUCCESS)
-    if io.exists(dl_success):
-        done = io.read_json(dl_success)
-        download_result.seconds = done["result"]["seconds"]
-        io.write_json({"fingerprint": done["fingerprint"], "result": download_result.to_json()}, dl_success)
-    filter_dir = io.join(run_dir, OUTPUT_DIR["filter"])
-    if io.exists(filter_dir):
-        for name in rewritten:
-            io.remove(io.join(filter_dir, FEATURES_DIR, f"{name}.parquet"))
-        for path in io.listdir(filter_dir, ".parquet"):
-            io.remove(path)
-        io.remove(io.join(filter_dir, SUCCESS))
-    io.remove(io.join(run_dir, OUTPUT_DIR["shards"]))
+
+def _finished_result(ctx: StageContext, name: str, fingerprint: str) -> StageResult | None:
+    """The saved result of a stage finished with this fingerprint, else None."""
+    success = io.join(ctx.stage_dir(name), SUCCESS)
+    if io.exists(success):
+        done = io.read_json(success)
+        if done.get("fingerprint") == fingerprint:
+            return StageResult.from_json(done["result"])
+    return None
+
+
+def _prepare_stage_dir(ctx: StageContext, name: str, fingerprint: str, force: bool, announced: bool) -> bool:
+    """Keep an unfinished run of the same config (resume); clear one of another config, or all
+    with --force; record the fingerprint. Returns whether a config change was announced."""
+    out_dir = ctx.stage_dir(name)
+    fp_path = io.join(out_dir, FINGERPRINT)
+    if io.exists(fp_path):
+        old = io.read_json(fp_path).get("fingerprint")
+        if old != fingerprint or force:
+            if not announced and old != fingerprint:
+                later = ", ".join(STAGE_ORDER[STAGE_ORDER.index(name) :])
+                say(f"{name}: config or inputs changed since the last run -> redoing {later}")
+                announced = True
+            io.remove(out_dir)
+        else:
+            say(f"{name}: resuming an unfinished run")
+    io.makedirs(out_dir)
+    io.write_json({"fingerprint": fingerprint}, fp_path)
+    return announced
+
+
+def _run_stage(ctx: StageContext, name: str, cfg: Any, fingerprint: str) -> StageResult:
+    """Run one stage, check its accounting, mark it done, drop its scratch."""
+    say(f"{name}: running")
+    with Timer() as t:
+        result = stage_module(name).run(ctx, cfg)
+    result.seconds = t.seconds
+    result.check_accounting()
+    io.write_json({"fingerprint": fingerprint, "result": result.to_json()}, io.join(ctx.stage_dir(name), SUCCESS))
+    io.remove(ctx.work_dir(name))  # the passes' scratch; their markers stay
+    say(result.line(name))
+    return result
+
+
+def _context(pipeline: Pipeline, run_dir: str) -> StageContext:
+    """What every stage gets from the run (its own Config comes separately); `--force` is the
+    runner's business (it clears the stage's directory)."""
+    return StageContext(
+        run_dir=run_dir,
+        seed=pipeline.run.seed,
+        num_cpus=pipeline.run.num_cpus or (os.cpu_count() or 1),
+        progress=pipeline.run.progress,
+        config_hash=pipeline.config_hash(),
+    )
+
+
+def _start_ray(pipeline: Pipeline, ray_address: str | None) -> None:
+    from wit_builder import parallel
+
+    parallel.init(address=ray_address, num_cpus=pipeline.run.num_cpus or None)
+
+
+def retry_failed_downloads(pipeline: Pipeline, run_dir: str, ray_address: str | None = None) -> StageResult:
+    """`wit-build download DIR --retry-failed`: re-fetch the transient failures of a finished
+    download stage; when shards changed, record the new download summary and make the next run
+    redo what depends on them (filter work of those shards only, and the final shards)."""
+    from wit_builder.stages import download
+
+    fps = fingerprints(pipeline)
+    success = io.join(run_dir, OUTPUT_DIR["download"], SUCCESS)
+    if not io.exists(success) or io.read_json(success).get("fingerprint") != fps["download"]:
+        raise ConfigError(
+            f"--retry-failed: the download stage in {run_dir} is not finished with this pipeline "
+            "(run `wit-build run ...` first)"
+        )
+    _start_ray(pipeline, ray_address)
+    ctx = _context(pipeline, run_dir)
+    result = download.retry_failed(ctx, pipeline.config_for("download"))
+    rewritten = result.extra.pop("rewritten_names", [])
+    if rewritten:
+        done = io.read_json(success)
+        result.seconds = done["result"]["seconds"]
+        io.write_json({"fingerprint": done["fingerprint"], "result": result.to_json()}, success)
+        for later in STAGE_ORDER[STAGE_ORDER.index("download") + 1 :]:
+            invalidate = getattr(stage_module(later), "invalidate", None)
+            if invalidate is not None:  # the stage forgets only what depends on those shards
+                io.remove(io.join(ctx.stage_dir(later), SUCCESS))
+                invalidate(ctx, rewritten)
+            else:
+                io.remove(ctx.stage_dir(later))
+    result.extra["rewritten"] = len(rewritten)
+    return result
 
 
 def _check_inputs_ready(run_dir: str, name: str, fps: dict[str, str]) -> None:
@@ -217,6 +259,5 @@ def _check_inputs_ready(run_dir: str, name: str, fps: dict[str, str]) -> None:
         raise ConfigError(f"stage {name!r} needs stage {prev!r} finished in {run_dir} first {hint}")
     if io.read_json(success).get("fingerprint") != fps[prev]:
         raise ConfigError(
-            f"stage {name!r}: stage {prev!r} in {run_dir} was made with another config or inputs; "
-            f"redo it first {hint}"
+            f"stage {name!r}: stage {prev!r} in {run_dir} was made with another config or inputs; redo it first {hint}"
         )

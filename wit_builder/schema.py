@@ -36,9 +36,13 @@ QUERY_IDS = pa.list_(pa.int32())
 
 MATCHED = CANDIDATES.append(pa.field("query_ids", QUERY_IDS, nullable=False))
 
-SELECTED = MATCHED.append(pa.field("query_id", pa.int32(), nullable=False)).append(
-    pa.field("rank", pa.float64(), nullable=False)  # hash draw in [0, 1) of (uid, query_id, seed)
-)
+SELECTED = (
+    MATCHED.append(pa.field("query_id", pa.int32(), nullable=False))
+    .append(
+        pa.field("rank", pa.float64(), nullable=False)  # hash draw in [0, 1) of (uid, query_id, seed)
+    )
+    .append(pa.field("query_text", pa.string(), nullable=False))
+)  # the text of query_id (raw, case kept)
 
 # download/{shard}.parquet: one row per selected sample, whatever happened to it.
 SAMPLES = pa.schema(
@@ -48,7 +52,9 @@ SAMPLES = pa.schema(
         pa.field("url", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
         pa.field("query_id", pa.int32(), nullable=False),
+        pa.field("query_text", pa.string(), nullable=False),
         pa.field("query_ids", QUERY_IDS, nullable=False),
+        pa.field("rank", pa.float64(), nullable=False),  # balance's draw: the post-filter trim's order
         pa.field("shard", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # "success" | "failed"
         pa.field("error", pa.string()),  # short reason when failed (e.g. "http_404", "not_an_image")

@@ -11,8 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from hashlib import blake2b
-from typing import Iterable
 
 SEPARATOR = "\x1f"
 

@@ -15,7 +15,7 @@ Example (needs a checkpoint on disk; see tests/test_filter_clip.py for a tiny ra
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -1,7 +1,7 @@
 """Exact and near duplicates over a whole run, out of core: DuckDB with a memory limit and a
 spill directory does the grouping and the band joins, so memory does not grow with the run.
 
-Same decisions as `dedup.find_duplicates` (the in-memory reference, tested equal):
+Same decisions as the in-memory numpy reference (tests/dedup_reference.py, tested equal):
 1. exact: per sha256, every sample but the smallest uid is `duplicate_exact` (null sha256:
    unique);
 2. near, among the rest: per phash value, every sample but the smallest uid is
@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from wit_builder import io
 from wit_builder.filters.dedup import bands

@@ -21,8 +21,10 @@ Example:
     >>> b = SourceOutput("wiki_unigram", [("Dog", 9, None), ("dog", 8, None), ("the", 7, None)], seen=5,
     ...                  dropped={"below_threshold": 2})
     >>> r = combine([a, b], dedup="exact", max_queries=3)
-    >>> [(t, s) for t, s, _, _ in r.rows], r.dropped
-    ([('dog', 'wordnet'), ('cat', 'wordnet'), ('Dog', 'wiki_unigram')], {'below_threshold': 2, 'duplicate': 1, 'over_max_queries': 1})
+    >>> [(t, s) for t, s, _, _ in r.rows]
+    [('dog', 'wordnet'), ('cat', 'wordnet'), ('Dog', 'wiki_unigram')]
+    >>> r.dropped
+    {'below_threshold': 2, 'duplicate': 1, 'over_max_queries': 1}
     >>> [t for t, *_ in combine([a, b], dedup="casefold", max_queries=10).rows]
     ['dog', 'cat', 'the']
 """
@@ -34,7 +36,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-BUILD_ORDER = ("list", "default", "wordnet", "wiki_unigram", "wiki_bigram", "title", "wordfreq", "caption_bigram")
 MAX_QUERY_CHARS = 256
 
 
@@ -92,8 +93,14 @@ def combine(outputs: list[SourceOutput], dedup: Literal["exact", "casefold"], ma
         out.check()
         seen += out.seen
         dropped.update(out.dropped)
-        ps = {"seen": out.seen, "passed": len(out.entries), "invalid": 0, "duplicate": 0,
-              "over_max_queries": 0, "kept": 0}
+        ps = {
+            "seen": out.seen,
+            "passed": len(out.entries),
+            "invalid": 0,
+            "duplicate": 0,
+            "over_max_queries": 0,
+            "kept": 0,
+        }
         ov: Counter[str] = Counter()
         for text, count, score in out.entries:
             if not is_valid(text):

@@ -27,11 +27,11 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 def _read_run(path: str) -> Iterator[tuple[str, int]]:
-    with open(path, "r", encoding="utf-8", newline="\n") as f:
+    with open(path, encoding="utf-8", newline="\n") as f:
         for line in f:
             key, _, n = line.rstrip("\n").rpartition("\t")
             yield key, int(n)
@@ -110,7 +110,7 @@ class SpillCounter:
         self._runs = []
         self.counts = Counter()
 
-    def __enter__(self) -> "SpillCounter":
+    def __enter__(self) -> SpillCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -31,8 +31,7 @@ def load_default(path: str = "") -> list[tuple[str, str, int | None]]:
     p = path or default_path()
     if not os.path.exists(p):
         raise ConfigError(
-            f"[queries] default = true: shipped list not found at {p} "
-            "(install the repo editable, or set default_path)"
+            f"[queries] default = true: shipped list not found at {p} (install the repo editable, or set default_path)"
         )
     t = pq.read_table(p, columns=["text", "source", "count"])
     return list(zip(t.column("text").to_pylist(), t.column("source").to_pylist(), t.column("count").to_pylist()))

@@ -25,7 +25,7 @@ import csv
 import io
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import fsspec
 

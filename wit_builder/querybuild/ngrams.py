@@ -18,16 +18,13 @@ Example:
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
-from wit_builder import progress
 from wit_builder.querybuild.counts import SpillCounter
-from wit_builder.querybuild.markup import strip_markup
 from wit_builder.querybuild.pmi import select_bigrams
 from wit_builder.querybuild.stopwords import edge_stopword
 from wit_builder.querybuild.tokenize import bigrams, word_runs
-from wit_builder.querybuild.wikidump import Page, iter_pages
+from wit_builder.querybuild.wikidump import Page
 
 
 def has_letter(text: str) -> bool:
@@ -81,47 +78,6 @@ def count_pages(
                 titles.add(page.title)
 
 
-def count_dumps(
-    paths: Iterable[str],
-    counts: NgramCounts,
-    titles: SpillCounter | None = None,
-    show_progress: bool = True,
-    workers: int = 1,
-) -> dict[str, int]:
-    """Stream every dump in `paths` into `counts` (article text) and `titles` (article titles).
-
-    With `workers` > 1, markup stripping and counting run in that many processes
-    (`workers.ParallelCounter`); the counts are the same. Shows a progress bar in MB of
-    (compressed) dump read. Returns page statistics.
-    """
-    paths = list(paths)
-    total_mb = sum(os.path.getsize(p) for p in paths) / 1e6
-    stats = {"pages": 0, "articles": 0, "redirects": 0, "other_namespaces": 0, "dump_bytes": 0}
-    pool = None
-    if workers > 1:
-        from wit_builder.querybuild.workers import ParallelCounter
-
-        pool = ParallelCounter(counts, workers)
-        add = pool.add_wikitext
-    else:
-        def add(text: str) -> None:
-            counts.add_text(strip_markup(text))
-    try:
-        with progress.bar(total=round(total_mb, 1), desc="queries: wiki dump", unit="MB", enabled=show_progress) as b:
-            def on_read(n: int) -> None:
-                stats["dump_bytes"] += n
-                b.update(n / 1e6)
-
-            for path in paths:
-                count_pages(iter_pages(path, on_read=on_read), add, titles, stats)
-        if pool is not None:
-            pool.finish()
-    finally:
-        if pool is not None:
-            pool.terminate()
-    return stats
-
-
 def select_ngrams(
     counts: NgramCounts,
     min_unigram_count: int,
@@ -129,7 +85,9 @@ def select_ngrams(
     min_pmi: float,
     skip_numeric: bool = True,
     skip_stopword_bigrams: bool = True,
-) -> tuple[list[tuple[str, int]], dict[str, int], int, list[tuple[str, int, float]], dict[str, int], int, dict[str, int]]:
+) -> tuple[
+    list[tuple[str, int]], dict[str, int], int, list[tuple[str, int, float]], dict[str, int], int, dict[str, int]
+]:
     """Unigrams with count >= min_unigram_count (most frequent first) and bigrams passing
     `pmi.select_bigrams` (most frequent first). Returns (unigrams, their drops, distinct
     unigrams seen, bigrams, their drops, distinct bigrams seen, bigrams passing per PMI threshold).

@@ -26,17 +26,44 @@ from __future__ import annotations
 
 import bz2
 import gzip
-from typing import BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 from urllib.parse import unquote
 
 from wit_builder.querybuild.counts import SpillCounter
 
 # titles with these prefixes are not articles (MediaWiki namespaces, English names)
 NON_ARTICLE_PREFIXES = (
-    "Talk", "User", "User talk", "Wikipedia", "Wikipedia talk", "WP", "File", "File talk", "Image",
-    "MediaWiki", "MediaWiki talk", "Template", "Template talk", "Help", "Help talk", "Category",
-    "Category talk", "Portal", "Portal talk", "Draft", "Draft talk", "TimedText", "Module",
-    "Module talk", "Special", "Media", "Book", "Education Program", "Gadget", "Topic",
+    "Talk",
+    "User",
+    "User talk",
+    "Wikipedia",
+    "Wikipedia talk",
+    "WP",
+    "File",
+    "File talk",
+    "Image",
+    "MediaWiki",
+    "MediaWiki talk",
+    "Template",
+    "Template talk",
+    "Help",
+    "Help talk",
+    "Category",
+    "Category talk",
+    "Portal",
+    "Portal talk",
+    "Draft",
+    "Draft talk",
+    "TimedText",
+    "Module",
+    "Module talk",
+    "Special",
+    "Media",
+    "Book",
+    "Education Program",
+    "Gadget",
+    "Topic",
 )
 _NON_ARTICLE = {p.lower() for p in NON_ARTICLE_PREFIXES}
 NOT_TITLES = {"-", "Main Page", ""}

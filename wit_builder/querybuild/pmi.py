@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 PMI_REPORT_THRESHOLDS = (0, 5, 10, 15, 20, 25, 30)
 

@@ -13,7 +13,8 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 from wit_builder.config import ConfigError
 from wit_builder.querybuild import default_list, lists, wordnet
@@ -46,10 +47,20 @@ def wordnet_source(wordnet_dir: str, names: Literal["head", "lemmas"]) -> Source
         entries.extend((n, None, None) for n in wordnet.synset_names(s, names))
     # one entry per synset name; repeats inside WordNet are duplicates within the source
     unique: dict[str, None] = dict.fromkeys(t for t, _, _ in entries)
-    info = {"dir": d, "names": names, "synsets": sum(synsets.values()), "synsets_by_pos": synsets,
-            "distinct_names": len(unique)}
-    return SourceOutput("wordnet", [(t, None, None) for t in unique], seen=len(entries),
-                        dropped={"duplicate": len(entries) - len(unique)}, info=info)
+    info = {
+        "dir": d,
+        "names": names,
+        "synsets": sum(synsets.values()),
+        "synsets_by_pos": synsets,
+        "distinct_names": len(unique),
+    }
+    return SourceOutput(
+        "wordnet",
+        [(t, None, None) for t in unique],
+        seen=len(entries),
+        dropped={"duplicate": len(entries) - len(unique)},
+        info=info,
+    )
 
 
 def wordfreq_source(lang: str, wordlist: str, top_n: int, min_zipf: float, skip_numeric: bool) -> SourceOutput:
@@ -64,33 +75,65 @@ def wordfreq_source(lang: str, wordlist: str, top_n: int, min_zipf: float, skip_
         else:
             entries.append((w, f, None))
     dropped = {**dropped, "numeric": numeric, "possessive": possessive}
-    return SourceOutput("wordfreq", entries, seen, dropped,
-                        info={"lang": lang, "wordlist": wordlist, "top_n": top_n, "min_zipf": min_zipf})
+    return SourceOutput(
+        "wordfreq",
+        entries,
+        seen,
+        dropped,
+        info={"lang": lang, "wordlist": wordlist, "top_n": top_n, "min_zipf": min_zipf},
+    )
 
 
 def ngram_sources(
-    counts: NgramCounts, prefix: str, min_unigram_count: int, min_bigram_count: int, min_pmi: float,
-    skip_numeric: bool, want_unigrams: bool, want_bigrams: bool, info: dict, skip_stopword_bigrams: bool = True,
+    counts: NgramCounts,
+    prefix: str,
+    min_unigram_count: int,
+    min_bigram_count: int,
+    min_pmi: float,
+    skip_numeric: bool,
+    want_unigrams: bool,
+    want_bigrams: bool,
+    info: dict,
+    skip_stopword_bigrams: bool = True,
 ) -> list[SourceOutput]:
     """`{prefix}_unigram` and/or `{prefix}_bigram` outputs from finished counts."""
     uni, uni_drop, uni_seen, bi, bi_drop, bi_seen, table = select_ngrams(
-        counts, min_unigram_count, min_bigram_count, min_pmi, skip_numeric, skip_stopword_bigrams)
-    info = {**info, "tokens": counts.tokens, "documents": counts.documents,
-            "distinct_unigrams": uni_seen, "distinct_bigrams": bi_seen,
-            "spills": {"unigrams": counts.unigrams.spills, "bigrams": counts.bigrams.spills},
-            "bigrams_passing_pmi_at": table, "min_bigram_count": min_bigram_count, "min_pmi": min_pmi}
+        counts, min_unigram_count, min_bigram_count, min_pmi, skip_numeric, skip_stopword_bigrams
+    )
+    info = {
+        **info,
+        "tokens": counts.tokens,
+        "documents": counts.documents,
+        "distinct_unigrams": uni_seen,
+        "distinct_bigrams": bi_seen,
+        "spills": {"unigrams": counts.unigrams.spills, "bigrams": counts.bigrams.spills},
+        "bigrams_passing_pmi_at": table,
+        "min_bigram_count": min_bigram_count,
+        "min_pmi": min_pmi,
+    }
     out = []
     if want_unigrams:
-        out.append(SourceOutput(f"{prefix}_unigram", [(w, n, None) for w, n in uni], uni_seen, uni_drop,
-                                info={**info, "min_unigram_count": min_unigram_count}))
+        out.append(
+            SourceOutput(
+                f"{prefix}_unigram",
+                [(w, n, None) for w, n in uni],
+                uni_seen,
+                uni_drop,
+                info={**info, "min_unigram_count": min_unigram_count},
+            )
+        )
     if want_bigrams:
         out.append(SourceOutput(f"{prefix}_bigram", [(b, n, s) for b, n, s in bi], bi_seen, bi_drop, info=info))
     return out
 
 
 def title_source(
-    pageview_files: list[str], projects: list[str], min_views: int, article_titles: SpillCounter | None,
-    spill_keys: int, tmp_dir: str | None,
+    pageview_files: list[str],
+    projects: list[str],
+    min_views: int,
+    article_titles: SpillCounter | None,
+    spill_keys: int,
+    tmp_dir: str | None,
 ) -> SourceOutput:
     views = SpillCounter(spill_keys, tmp_dir, "pageviews")
     line_stats: dict[str, int] = {}
@@ -104,11 +147,17 @@ def title_source(
             for k, v in s.items():
                 line_stats[k] = line_stats.get(k, 0) + v
         kept, dropped, seen = select_titles(
-            views.items(), min_views, article_titles.items() if article_titles is not None else None)
+            views.items(), min_views, article_titles.items() if article_titles is not None else None
+        )
     finally:
         views.close()
-    info = {"files": [os.path.basename(p) for p in pageview_files], "projects": projects,
-            "min_views": min_views, "lines": line_stats, "restricted_to_dump_articles": article_titles is not None}
+    info = {
+        "files": [os.path.basename(p) for p in pageview_files],
+        "projects": projects,
+        "min_views": min_views,
+        "lines": line_stats,
+        "restricted_to_dump_articles": article_titles is not None,
+    }
     return SourceOutput("title", [(t, n, None) for t, n in kept], seen, dropped, info)
 
 

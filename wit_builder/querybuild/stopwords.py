@@ -11,7 +11,8 @@ Example:
 
 from __future__ import annotations
 
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 a an the this that these those there here some any each every no not nor all both either neither
 i me my mine we us our ours you your yours he him his she her hers it its it's they them their theirs
 who whom whose which what when where why how whatever whoever
@@ -23,7 +24,8 @@ as like since until till via per
 and or but so yet if then else because while although though whether
 also just only very too more most much many such own same other another
 s t
-""".split())
+""".split()
+)
 
 
 def edge_stopword(bigram: str) -> bool:

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 _W = r"[^\W_]+(?:[-'\u2019][^\W_]+)*"
 _RUN = re.compile(rf"{_W}(?:[ \t]+{_W})*")

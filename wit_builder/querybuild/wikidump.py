@@ -24,8 +24,9 @@ import bz2
 import gzip
 import io
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 from xml.etree.ElementTree import ParseError, iterparse
 
 from wit_builder.config import ConfigError
@@ -44,10 +45,10 @@ class Page:
 
 
 class _CountingReader(io.RawIOBase):
-    """Wraps a binary file and counts the (compressed) bytes read, for the MB progress bar."""
+    """Wraps a binary file and reports the (compressed) bytes read to `on_read`, for the MB progress bar."""
 
     def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None):
-        self.raw, self.on_read, self.bytes_read = raw, on_read, 0
+        self.raw, self.on_read = raw, on_read
 
     def readable(self) -> bool:
         return True
@@ -56,7 +57,6 @@ class _CountingReader(io.RawIOBase):
         data = self.raw.read(len(buf))
         n = len(data)
         buf[:n] = data
-        self.bytes_read += n
         if self.on_read and n:
             self.on_read(n)
         return n

@@ -54,8 +54,9 @@ class ParallelCounter:
         self.results = ctx.Queue()
         keys = max(counts.unigrams.max_keys // workers, 50_000)
         tmp = counts.unigrams._tmp_parent or tempfile.gettempdir()
-        self.procs = [ctx.Process(target=_worker, args=(self.tasks, self.results, keys, tmp), daemon=True)
-                      for _ in range(workers)]
+        self.procs = [
+            ctx.Process(target=_worker, args=(self.tasks, self.results, keys, tmp), daemon=True) for _ in range(workers)
+        ]
         for p in self.procs:
             p.start()
 

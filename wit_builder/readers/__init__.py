@@ -12,16 +12,16 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 
-from wit_builder.readers.paths import COMPRESSION_SUFFIXES, detect_format, expand_inputs
+from wit_builder.readers.paths import COMPRESSION_SUFFIXES, detect_format
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "warc", "wat")
 TABULAR = ("parquet", "csv", "tsv", "jsonl")
 
-__all__ = ["FORMATS", "TABULAR", "COMPRESSION_SUFFIXES", "detect_format", "expand_inputs", "columns_of", "read_blocks"]
+__all__ = ["FORMATS", "TABULAR", "COMPRESSION_SUFFIXES", "detect_format", "columns_of", "read_blocks"]
 
 
 def decompression_errors() -> tuple[type[BaseException], ...]:

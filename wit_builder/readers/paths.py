@@ -1,4 +1,4 @@
-"""Input paths: glob expansion over fsspec, format detection by extension.
+"""Input formats: detection by file extension (expansion of input patterns is `io.expand`).
 
 Example:
     >>> detect_format("captions.tsv.zst")
@@ -32,26 +32,3 @@ def detect_format(path: str) -> str | None:
             name = name[: -len(suffix)]
             break
     return _BY_EXTENSION.get(os.path.splitext(name)[1])
-
-
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Expand globs (local or fsspec); directories list their files; sorted, de-duplicated.
-    A pattern matching nothing raises FileNotFoundError naming it."""
-    import fsspec
-
-    out: list[str] = []
-    for pattern in patterns:
-        fs, _, paths = fsspec.get_fs_token_paths(pattern)
-        protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-        found: list[str] = []
-        for p in paths:
-            if fs.isdir(p):
-                found += [f for f in fs.find(p) if not os.path.basename(f).startswith((".", "_"))]
-            elif fs.exists(p):
-                found.append(p)
-        if not found:
-            raise FileNotFoundError(f"no input file matches {pattern!r}")
-        if protocol and protocol != "file://":
-            found = [f if "://" in f else protocol + f for f in found]
-        out += sorted(found)
-    return list(dict.fromkeys(out))

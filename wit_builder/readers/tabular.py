@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
@@ -137,8 +137,9 @@ def _csv(path, fmt, url_col, caption_col, extra_cols, counts):
         quoted_strings_can_be_null=False,
     )
     with _open(path) as f:
-        reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=8 << 20), parse_options=parse,
-                                convert_options=convert)
+        reader = pacsv.open_csv(
+            f, read_options=pacsv.ReadOptions(block_size=8 << 20), parse_options=parse, convert_options=convert
+        )
         for batch in reader:
             yield pa.Table.from_batches([batch])
 

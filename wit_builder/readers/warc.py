@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import urljoin
 
 import fsspec
@@ -66,7 +66,9 @@ def _records(path: str, record_type, parse_http: bool):
         yield from ArchiveIterator(f, record_types=record_type, parse_http=parse_http)
 
 
-def images_in_html(body: bytes, page_url: str | None, charset: str | None = None) -> list[tuple[str | None, str | None]]:
+def images_in_html(
+    body: bytes, page_url: str | None, charset: str | None = None
+) -> list[tuple[str | None, str | None]]:
     """(resolved src, stripped alt) for every <img> of an HTML document."""
     from resiliparse.parse.encoding import detect_encoding
     from resiliparse.parse.html import HTMLTree

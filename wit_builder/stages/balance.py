@@ -1,9 +1,11 @@
 """Balance stage: cap every query at `cap` attributed pairs (× `oversample` before download).
 
-Reads matched/part-*.parquet, writes selected/part-*.parquet (schema.SELECTED, same part
-names) and selected/query_counts.parquet (query_id, containing, attributed). Memory is bounded
-by the block size and the number of queries: every pass streams the parts (Ray tasks, one per
-part) and only per-query arrays cross between passes.
+Reads matched/part-*.parquet and queries/queries.parquet, writes selected/part-*.parquet
+(schema.SELECTED, same part names; each row also carries the text of the query it counts for,
+so later stages need not read the queries) and selected/query_counts.parquet (query_id,
+containing, attributed). Memory is bounded by the block size and the number of queries: every
+pass is an executor pass over the parts, and only per-query arrays cross between passes, as
+files under selected/_work/ (sparse per part; the driver's inputs content-addressed).
 
 Modes (DESIGN.md §2 "Balancing semantics"), t = cap · oversample:
 - ``strict`` (default: a hard guarantee, which is what the post-download trim in the shards
@@ -35,14 +37,14 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from wit_builder import balancing, io, schema
+from wit_builder import balancing, executor, io, schema
 from wit_builder.stages.base import StageContext, StageResult
 
 
@@ -70,17 +72,20 @@ class Config:
             raise ValueError(f"batch_rows must be > 0, got {self.batch_rows}")
 
 
-# -------------------------------------------------------------------- per-part work (Ray tasks)
+# ------------------------------------------------------------------ per-query arrays as files
 
 
-def save_arrays(path: str, **arrays: np.ndarray) -> str:
-    """Per-query arrays for the tasks go through a file (written once, read by each worker)
-    rather than being pickled into every task."""
+def save_arrays(directory: str, **arrays: np.ndarray) -> str:
+    """Write per-query arrays the workers read, under a name made of their content (workers
+    cache them by path, so a path never holds two contents); returns the path."""
     import io as _io
 
     buf = _io.BytesIO()
     np.savez(buf, **arrays)
-    io.write_bytes(buf.getvalue(), path)
+    data = buf.getvalue()
+    path = io.join(directory, f"arrays-{hashlib.sha256(data).hexdigest()[:20]}.npz")
+    if not io.exists(path):
+        io.write_bytes(data, path)
     return path
 
 
@@ -92,6 +97,32 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
     with fs.open(inner, "rb") as f:
         data = np.load(_io.BytesIO(f.read()))
         return {k: data[k] for k in data.files}
+
+
+def save_sparse(counts: np.ndarray, path: str) -> None:
+    """A part's per-query counts, as (index, value) of the non-zero entries."""
+    import io as _io
+
+    nz = np.flatnonzero(counts)
+    buf = _io.BytesIO()
+    np.savez(buf, index=nz.astype(np.int64), value=counts[nz])
+    io.write_bytes(buf.getvalue(), path)
+
+
+def add_sparse(paths: list[str], size: int) -> np.ndarray:
+    """The sum of the parts' sparse counts, read one part at a time."""
+    import io as _io
+
+    total = np.zeros(size, dtype=np.int64)
+    for path in paths:
+        fs, inner = io.filesystem(path)
+        with fs.open(inner, "rb") as f:
+            data = np.load(_io.BytesIO(f.read()))
+            np.add.at(total, data["index"], data["value"])
+    return total
+
+
+# --------------------------------------------------------------------- per-part work (passes)
 
 
 def _blocks(path: str, batch_rows: int, columns: list[str] | None = ("uid", "query_ids")):
@@ -108,9 +139,9 @@ def _blocks(path: str, batch_rows: int, columns: list[str] | None = ("uid", "que
         yield batch, offsets, qids, balancing.uids_to_u64(batch.column("uid"))
 
 
-def count_part(task: tuple[str, int, int]) -> tuple[int, np.ndarray]:
-    """Pass 1: (rows, containing count per query) of one part."""
-    path, batch_rows, num_queries = task
+def count_part(task: tuple[str, int, int, str]) -> dict[str, int]:
+    """Pass 1: containing count per query of one part (-> `out`); returns {"rows"}."""
+    path, batch_rows, num_queries, out = task
     counts = np.zeros(num_queries, dtype=np.int64)
     rows = 0
     for batch, _, qids, _ in _blocks(path, batch_rows):
@@ -119,24 +150,28 @@ def count_part(task: tuple[str, int, int]) -> tuple[int, np.ndarray]:
             if qids.max() >= num_queries or qids.min() < 0:
                 raise ValueError(f"{path}: query id out of range 0..{num_queries - 1}")
             counts += np.bincount(qids, minlength=num_queries)
-    return rows, counts
+    save_sparse(counts, out)
+    return {"rows": rows}
 
 
-def attributed_part(task: tuple[str, int, str]) -> np.ndarray:
-    """Strict pass 2: rows attributed (rarest query) to each query in one part."""
-    path, batch_rows, arrays = task
+def attributed_part(task: tuple[str, int, str, str]) -> dict[str, int]:
+    """Strict pass 2: rows attributed (rarest query) to each query in one part (-> `out`)."""
+    path, batch_rows, arrays, out = task
     counts = load_arrays(arrays)["counts"]
-    out = np.zeros(len(counts), dtype=np.int64)
+    attributed = np.zeros(len(counts), dtype=np.int64)
     for _, offsets, qids, _ in _blocks(path, batch_rows):
         a = balancing.attribute_rarest(offsets, qids, counts)
-        out += np.bincount(a[a >= 0], minlength=len(counts))
-    return out
+        attributed += np.bincount(a[a >= 0], minlength=len(counts))
+    save_sparse(attributed, out)
+    return {"rows": int(attributed.sum())}
 
 
-def superset_part(task: tuple[str, int, str, str, int]):
+def superset_part(task: tuple[str, int, str, str, int, str]) -> dict[str, int]:
     """Strict pass 3: (query, hash, uid) of the rows under each head query's draw threshold
-    (`fraction` per query: 0 = none, >= 1 = all)."""
-    path, batch_rows, counts_file, fraction_file, seed = task
+    (`fraction` per query: 0 = none, >= 1 = all) -> `out` (npz)."""
+    import io as _io
+
+    path, batch_rows, counts_file, fraction_file, seed, out = task
     counts, fraction = load_arrays(counts_file)["counts"], load_arrays(fraction_file)["fraction"]
     qs, hs, us = [], [], []
     limit = np.where(fraction >= 1.0, np.inf, fraction)
@@ -150,16 +185,21 @@ def superset_part(task: tuple[str, int, str, str, int]):
         hs.append(h[take])
         us.append(uid64[take])
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-    return cat(qs, np.int64), cat(hs, np.uint64), cat(us, np.uint64)
+    buf = _io.BytesIO()
+    np.savez(buf, q=cat(qs, np.int64), h=cat(hs, np.uint64), u=cat(us, np.uint64))
+    io.write_bytes(buf.getvalue(), out)
+    return {"rows": int(sum(len(q) for q in qs))}
 
 
-def select_part(task: tuple[dict, str, str, str, int]) -> tuple[int, int, np.ndarray]:
-    """Final pass: write one selected part; returns (rows in, rows out, attributed per query)."""
+def select_part(task: tuple[dict, str, str, str, int, str]) -> dict[str, int]:
+    """Final pass: write one selected part (-> `dst`) and its attributed counts (-> `out`);
+    returns {"rows_in", "rows_out"}."""
     import pyarrow as pa
 
-    plan, arrays_file, src, dst, batch_rows = task
+    plan, arrays_file, src, dst, batch_rows, out = task
     plan = {**plan, **load_arrays(arrays_file)}
     counts = plan["counts"]
+    texts = _query_texts(plan["queries"], len(counts))
     attributed_counts = np.zeros(len(counts), dtype=np.int64)
     rows_in = 0
 
@@ -178,16 +218,34 @@ def select_part(task: tuple[dict, str, str, str, int]) -> tuple[int, int, np.nda
             if not keep.any():
                 continue
             attributed_counts[:] += np.bincount(a[keep], minlength=len(counts))
+            qid = pa.array(a.astype(np.int32))
             table = pa.Table.from_batches([batch])
-            table = table.append_column("query_id", pa.array(a.astype(np.int32)))
+            table = table.append_column("query_id", qid)
             table = table.append_column("rank", pa.array(rank.astype(np.float64)))
+            table = table.append_column("query_text", texts.take(pa.array(np.maximum(a, 0))))
             yield from table.filter(pa.array(keep)).to_batches()
 
     out_schema = _output_schema(_parquet_schema(src))
     # extra url-list columns may hold nulls: write every column as nullable
     nullable = pa.schema([f.with_nullable(True) for f in out_schema])
     rows_out = io.write_parquet_batches(batches(), dst, nullable)
-    return rows_in, rows_out, attributed_counts
+    save_sparse(attributed_counts, out)
+    return {"rows_in": rows_in, "rows_out": rows_out}
+
+
+@functools.lru_cache(maxsize=2)
+def _query_texts(path: str, num_queries: int):
+    """Query texts indexed by query_id ("" for ids the file lacks, or without the file), once
+    per worker."""
+    import pyarrow as pa
+
+    texts = np.full(num_queries, "", dtype=object)
+    if io.exists(path):
+        table = io.read_parquet(path, columns=["query_id", "text"])
+        ids = table.column("query_id").to_numpy()
+        inside = ids < num_queries
+        texts[ids[inside]] = np.array(table.column("text").to_pylist(), dtype=object)[inside]
+    return pa.array(texts, pa.string())
 
 
 def _parquet_schema(path: str):
@@ -206,21 +264,43 @@ def _output_schema(matched_schema):
     return out
 
 
-def recount_selected(task: tuple[str, int]) -> tuple[int, np.ndarray]:
-    """Attributed counts of an already written selected part (resume)."""
-    path, num_queries = task
-    table = io.read_parquet(path, columns=["query_id"])
-    q = table.column("query_id").to_numpy()
-    return table.num_rows, np.bincount(q, minlength=num_queries)
-
-
 # ------------------------------------------------------------------------------- the driver
 
 
-def _num_queries(ctx: StageContext, parts: list[str], batch_rows: int) -> int:
-    qpath = io.join(ctx.stage_dir("queries"), "queries.parquet")
-    if io.exists(qpath):
-        return int(io.read_parquet(qpath, columns=["query_id"]).num_rows)
+class _Passes:
+    """The balance stage's passes over the matched parts: each part's per-pass output lies in
+    selected/_work/{pass}/{part}.npz, its marker under selected/_parts/{pass}/."""
+
+    def __init__(self, ctx: StageContext, parts: list[str]):
+        self.ctx, self.parts = ctx, parts
+        self.work = ctx.work_dir("balance")
+
+    @staticmethod
+    def name_of(path: str) -> str:
+        return path.rsplit("/", 1)[-1].split(".")[0]
+
+    def out(self, pass_name: str, part: str) -> str:
+        return io.join(self.work, pass_name, f"{self.name_of(part)}.npz")
+
+    def run(self, pass_name: str, fn, args_of, desc: str, **kw) -> tuple[list[str], dict]:
+        """Run `fn(args_of(part, out))` over every part; returns the outputs, in part order,
+        and the parts' counts summed."""
+        step = executor.Pass(
+            pass_name,
+            self.ctx.marker_dir("balance", pass_name),
+            fn,
+            tmp_dirs=(io.join(self.work, pass_name), *kw.pop("tmp_dirs", ())),
+            desc=desc,
+            **kw,
+        )
+        plan = [executor.Part(self.name_of(p), args_of(p, self.out(pass_name, p))) for p in self.parts]
+        counts = executor.run_pass(step, plan, progress=self.ctx.progress)
+        return [self.out(pass_name, p) for p in self.parts], executor.sum_counts(counts.values())
+
+
+def _num_queries(queries_path: str, parts: list[str], batch_rows: int) -> int:
+    if io.exists(queries_path):
+        return int(io.read_parquet(queries_path, columns=["query_id"]).num_rows)
     top = -1
     for p in parts:
         for _, _, qids, _ in _blocks(p, batch_rows):
@@ -229,16 +309,16 @@ def _num_queries(ctx: StageContext, parts: list[str], batch_rows: int) -> int:
     return top + 1
 
 
-def strict_thresholds(ctx: StageContext, cfg: Config, parts: list[str], counts: np.ndarray, scratch: str):
+def strict_thresholds(passes: _Passes, cfg: Config, counts: np.ndarray, seed: int):
     """Strict passes 2-3: attributed counts, then exact per-query (hash, uid) thresholds."""
-    from wit_builder import parallel
+    import io as _io
 
     quota = balancing.strict_quota(cfg.cap, cfg.oversample)
-    attributed = np.zeros(len(counts), dtype=np.int64)
-    counts_file = save_arrays(io.join(scratch, "counts.npz"), counts=counts)
-    tasks = [(p, cfg.batch_rows, counts_file) for p in parts]
-    for _, a in parallel.map_tasks(attributed_part, tasks, desc="balance: attribute", progress=ctx.progress):
-        attributed += a
+    counts_file = save_arrays(passes.work, counts=counts)
+    outs, _ = passes.run(
+        "attribute", attributed_part, lambda p, o: (p, cfg.batch_rows, counts_file, o), "balance: attribute"
+    )
+    attributed = add_sparse(outs, len(counts))
     thr_h = np.full(len(counts), np.iinfo(np.uint64).max, dtype=np.uint64)
     thr_u = thr_h.copy()
     head = attributed > quota
@@ -246,11 +326,19 @@ def strict_thresholds(ctx: StageContext, cfg: Config, parts: list[str], counts: 
     rounds = 0
     while head.any():
         rounds += 1
-        spill = save_arrays(io.join(scratch, f"fraction-{rounds}.npz"), fraction=np.where(head, fraction, 0.0))
-        tasks = [(p, cfg.batch_rows, counts_file, spill, ctx.seed) for p in parts]
+        spill = save_arrays(passes.work, fraction=np.where(head, fraction, 0.0))
+        outs, _ = passes.run(
+            f"threshold-{rounds}",
+            superset_part,
+            lambda p, o, spill=spill: (p, cfg.batch_rows, counts_file, spill, seed, o),
+            "balance: threshold",
+        )
         qs, hs, us = [], [], []
-        for _, (q, h, u) in parallel.map_tasks(superset_part, tasks, desc="balance: threshold", progress=ctx.progress):
-            qs.append(q), hs.append(h), us.append(u)
+        for path in outs:
+            fs, inner = io.filesystem(path)
+            with fs.open(inner, "rb") as f:
+                data = np.load(_io.BytesIO(f.read()))
+                qs.append(data["q"]), hs.append(data["h"]), us.append(data["u"])
         q, h, u = np.concatenate(qs), np.concatenate(hs), np.concatenate(us)
         th, tu, have = balancing.kth_smallest_per_query(q, h, u, quota, len(counts))
         done = head & (have >= quota)
@@ -264,52 +352,34 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
     """Count, (strict: threshold), select; see the module docstring."""
     import pyarrow as pa
 
-    from wit_builder import parallel
-
     start = time.perf_counter()
     parts = io.listdir(ctx.stage_dir("match"), ".parquet")
     parts = [p for p in parts if p.rsplit("/", 1)[-1].startswith("part-")]
     out_dir = ctx.stage_dir("balance")
-    num_queries = _num_queries(ctx, parts, cfg.batch_rows)
-    counts = np.zeros(num_queries, dtype=np.int64)
-    rows_in = 0
-    for _, (n, c) in parallel.map_tasks(
-        count_part, [(p, cfg.batch_rows, num_queries) for p in parts], desc="balance: count", progress=ctx.progress
-    ):
-        rows_in += n
-        counts += c
+    queries_path = io.join(ctx.stage_dir("queries"), "queries.parquet")
+    num_queries = _num_queries(queries_path, parts, cfg.batch_rows)
+    passes = _Passes(ctx, parts)
+    outs, counted = passes.run("count", count_part, lambda p, o: (p, cfg.batch_rows, num_queries, o), "balance: count")
+    counts = add_sparse(outs, num_queries)
+    rows_in = counted.get("rows", 0)
     target = cfg.cap * cfg.oversample
-    scratch = io.join(out_dir, f"_scratch-{uuid.uuid4().hex[:12]}")  # a fresh name: workers cache by path
-    plan: dict = {"mode": cfg.mode, "seed": ctx.seed, "target": target}
+    plan: dict = {"mode": cfg.mode, "seed": ctx.seed, "target": target, "queries": queries_path}
     arrays = {"counts": counts}
     extra: dict = {"mode": cfg.mode, "cap": cfg.cap, "oversample": cfg.oversample}
     if cfg.mode == "strict":
-        _, arrays["thr_h"], arrays["thr_u"], rounds = strict_thresholds(ctx, cfg, parts, counts, scratch)
+        _, arrays["thr_h"], arrays["thr_u"], rounds = strict_thresholds(passes, cfg, counts, ctx.seed)
         extra["quota"] = balancing.strict_quota(cfg.cap, cfg.oversample)
         extra["threshold_rounds"] = rounds
     else:
         extra["epsilon"] = balancing.metaclip_epsilon(target)
-    arrays_file = save_arrays(io.join(scratch, "plan.npz"), **arrays)
+    arrays_file = save_arrays(passes.work, **arrays)
 
-    todo, done = [], []
-    for src in parts:
-        dst = io.join(out_dir, src.rsplit("/", 1)[-1])
-        (done if io.exists(dst) and not ctx.force else todo).append((src, dst))
-    attributed = np.zeros(num_queries, dtype=np.int64)
-    rows_out = 0
-    if done:  # resumed run: parts already written count as they are
-        for _, (n, a) in parallel.map_tasks(
-            recount_selected, [(d, num_queries) for _, d in done], desc="balance: resume", progress=ctx.progress
-        ):
-            rows_out += n
-            attributed += a
-    for _, (_, n_out, a) in parallel.map_tasks(
-        select_part, [(plan, arrays_file, s, d, cfg.batch_rows) for s, d in todo], desc="balance: select",
-        progress=ctx.progress,
-    ):
-        rows_out += n_out
-        attributed += a
-    io.remove(scratch)
+    def select_args(src: str, out: str):
+        return (plan, arrays_file, src, io.join(out_dir, src.rsplit("/", 1)[-1]), cfg.batch_rows, out)
+
+    outs, selected = passes.run("select", select_part, select_args, "balance: select", tmp_dirs=(out_dir,))
+    attributed = add_sparse(outs, num_queries)
+    rows_out = selected.get("rows_out", 0)
     table = pa.table(
         {
             "query_id": pa.array(np.arange(num_queries, dtype=np.int32)),

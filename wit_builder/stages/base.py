@@ -27,8 +27,7 @@ class StageContext:
     seed: int = 0
     num_cpus: int = 2  # parallelism to aim for (Ray tasks/actors in flight)
     progress: bool = True  # show progress bars
-    force: bool = False  # redo parts that already exist
-    configs: dict[str, Any] = field(default_factory=dict)  # every stage's Config, by stage name
+    config_hash: str = ""  # the whole pipeline's config hash (recorded in the shards manifest)
 
     def stage_dir(self, stage: str) -> str:
         """The output directory of `stage` (e.g. "match" -> run_dir/matched)."""
@@ -36,6 +35,14 @@ class StageContext:
 
     def path(self, *parts: str) -> str:
         return io.join(self.run_dir, *parts)
+
+    def work_dir(self, stage: str) -> str:
+        """Scratch space of a stage's passes; the runner removes it once the stage is done."""
+        return io.join(self.stage_dir(stage), "_work")
+
+    def marker_dir(self, stage: str, pass_name: str) -> str:
+        """Where the executor keeps the part markers of one pass of a stage."""
+        return io.join(self.stage_dir(stage), "_parts", pass_name)
 
 
 @dataclass
@@ -60,22 +67,21 @@ class StageResult:
         rate = self.rows_in / self.seconds if self.seconds > 0 else 0.0
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items()) if v) or "none"
         return (
-            f"{stage}: in={self.rows_in} out={self.rows_out} dropped: {drops} "
-            f"({self.seconds:.1f}s, {rate:,.0f} rows/s)"
+            f"{stage}: in={self.rows_in} out={self.rows_out} dropped: {drops} ({self.seconds:.1f}s, {rate:,.0f} rows/s)"
         )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "StageResult":
+    def from_json(cls, d: dict[str, Any]) -> StageResult:
         return cls(**d)
 
 
 class Timer:
     """`with Timer() as t: ...; t.seconds`"""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         self.seconds = 0.0
         return self

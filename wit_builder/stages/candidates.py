@@ -1,22 +1,24 @@
 """Candidates stage: raw (url, caption) pairs from url lists or WARC/WAT into clean, unique rows.
 
-Two passes on Ray (one task per input file, then one per partition), memory bounded by the
-block size and by one partition:
+Two executor passes (one part per input file or piece, then one per partition; markers under
+candidates/_parts/), memory bounded by the block size and by one partition:
 1. read each input file in blocks, drop bad rows by reason, compute
    uid = blake2b-8(url + "\\x1f" + caption), and spill each row to the partition
-   `uid mod partitions` (candidates/_spill/f{file}/b{partition}-c{chunk}.parquet);
+   `uid mod partitions` (candidates/_work/spill/f{file}-{piece}/b{partition}-c{chunk}.parquet);
 2. per partition, sort by uid, keep the first row of each uid (input order: file, then row),
    write candidates/part-{partition:05d}.parquet (schema.CANDIDATES + extra columns).
 
-Drop reasons: `undecodable` (url or caption not UTF-8), `missing_url`, `missing_caption`
+URLs lose leading and trailing whitespace first (the uid is of the trimmed URL); captions are
+kept as they are. Drop reasons: `undecodable` (url or caption not UTF-8), `missing_url`, `missing_caption`
 (null, empty or whitespace only), `bad_scheme` (not http:// or https://, e.g. data:),
 `caption_too_long` (> max_caption_chars characters), `bad_row` (a CSV row with the wrong
 number of fields, a JSONL line that is not an object), `bad_record` (an unreadable WAT record),
 `duplicate` (same uid as an earlier row). For WARC/WAT every <img>/IMG@ link is a raw row.
 
-Parallelism: one Ray task per input file, or per run of row groups (>= `split_rows` rows) of
-a big parquet file; then one task per partition. Other formats are read one task per file. Columns are checked before any work from each file's parquet schema, CSV/TSV
-header or first JSONL record. Size `partitions` so that one partition (rows / partitions)
+Parallelism: one part per input file, or per run of row groups (>= `split_rows` rows) of a
+big parquet file; then one part per partition. Other formats are read one part per file.
+Columns are checked before any work from each file's parquet schema, CSV/TSV header or
+first JSONL record. Size `partitions` so that one partition (rows / partitions)
 fits in a worker's memory (e.g. ~5M rows each).
 
 Example:
@@ -26,13 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from wit_builder import io, schema
+from wit_builder import executor, io, schema
 from wit_builder.config import ConfigError, path_field
 from wit_builder.stages.base import StageContext, StageResult
 
@@ -70,8 +73,12 @@ class Config:
 
         if self.format != "auto" and self.format not in FORMATS:
             raise ValueError(f"format must be 'auto' or one of {', '.join(FORMATS)}, got {self.format!r}")
-        for name, value in (("max_caption_chars", self.max_caption_chars), ("partitions", self.partitions),
-                            ("block_rows", self.block_rows), ("split_rows", self.split_rows)):
+        for name, value in (
+            ("max_caption_chars", self.max_caption_chars),
+            ("partitions", self.partitions),
+            ("block_rows", self.block_rows),
+            ("split_rows", self.split_rows),
+        ):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         clash = sorted(set(self.extra_cols) & RESERVED)
@@ -82,7 +89,7 @@ class Config:
 # ------------------------------------------------------------------------------ row cleaning
 
 
-def _decode(col) -> tuple["object", np.ndarray]:
+def _decode(col) -> tuple[object, np.ndarray]:
     """binary column -> (string array, invalid-UTF-8 mask); nulls stay null."""
     import pyarrow as pa
 
@@ -100,7 +107,7 @@ def _decode(col) -> tuple["object", np.ndarray]:
         return pa.array(values, pa.string()), bad
 
 
-def clean_block(table, max_caption_chars: int) -> tuple["object", dict[str, int]]:
+def clean_block(table, max_caption_chars: int) -> tuple[object, dict[str, int]]:
     """Drop bad rows (first failing reason wins, in REASONS order); add `uid`. Returns the
     kept rows (uid, url, caption, page_url, extras) and the dropped counts."""
     import pyarrow as pa
@@ -109,9 +116,10 @@ def clean_block(table, max_caption_chars: int) -> tuple["object", dict[str, int]
     from wit_builder.uid import uids
 
     url, bad_url = _decode(table.column("url"))
+    url = pc.utf8_trim_whitespace(url)  # " http://x/a.jpg\n" is the URL http://x/a.jpg
     caption, bad_cap = _decode(table.column("caption"))
     filled = lambda mask: np.asarray(mask.fill_null(True), dtype=bool)  # noqa: E731
-    blank_url = filled(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(url)), 0))
+    blank_url = filled(pc.equal(pc.utf8_length(url), 0))
     blank_cap = filled(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(caption)), 0))
     good_scheme = np.asarray(pc.match_substring_regex(url, r"^https?://", ignore_case=True).fill_null(False), bool)
     too_long = np.asarray(pc.greater(pc.utf8_length(caption), max_caption_chars).fill_null(False), bool)
@@ -161,6 +169,10 @@ class ReadTask:
     row_groups: list[int] | None = None  # None: the whole file
     first_row: int = 0  # the piece's first row in the file (keeps "first occurrence" global)
 
+    @property
+    def name(self) -> str:
+        return f"f{self.file_index:05d}-{self.piece:05d}"
+
 
 def read_tasks(plan: list[tuple[str, str]], split_rows: int) -> list[ReadTask]:
     """Split parquet files with more than `split_rows` rows into runs of row groups."""
@@ -183,31 +195,38 @@ def read_tasks(plan: list[tuple[str, str]], split_rows: int) -> list[ReadTask]:
 
 
 def _checked(path: str, blocks):
-    """`blocks`, with a truncated or corrupt compressed input turned into a clear error."""
+    """`blocks`, with an unreadable input turned into a clear error naming the file: a truncated
+    or corrupt compressed file, or a parquet file with a corrupt page or footer, is a
+    ConfigError (exit code 2; retrying cannot help). On an object store an OSError may be a
+    passing network fault: it is re-raised (the executor retries the part) with the file named."""
+    import pyarrow as pa
+
     from wit_builder import readers
 
     try:
         yield from blocks
     except readers.decompression_errors() as e:
-        raise ConfigError(f"[candidates] {path}: compressed data is truncated or corrupt "
-                          f"({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"[candidates] {path}: compressed data is truncated or corrupt ({type(e).__name__}: {e})"
+        ) from None
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, OSError) and not io.is_local(path):
+            raise OSError(f"{path}: {e}") from e
+        raise ConfigError(
+            f"[candidates] {path}: unreadable ({type(e).__name__}: {e}); fix or remove the file and rerun"
+        ) from None
 
 
-def spill_file(task: tuple[Config, str, ReadTask]) -> dict[str, int]:
+def spill_file(rt: ReadTask, cfg: Config, spill_root: str) -> dict[str, int]:
     """Read one input file (or piece), clean it and spill rows by uid partition; returns counts
-    (`rows_in`, `rows_kept` and one entry per drop reason). Idempotent: a finished piece has
-    a `_done.json` with its counts."""
+    (`rows_in`, `rows_kept` and one entry per drop reason)."""
     import pyarrow as pa
 
     from wit_builder import readers
 
-    cfg, spill_root, rt = task
     index, path, fmt = rt.file_index, rt.path, rt.fmt
-    out_dir = io.join(spill_root, f"f{index:05d}-{rt.piece:05d}")
-    marker = io.join(out_dir, "_done.json")
-    if io.exists(marker):
-        return io.read_json(marker)
-    io.remove(out_dir)
+    out_dir = io.join(spill_root, rt.name)
+    io.remove(out_dir)  # what an interrupted attempt left
     counts: dict[str, int] = {"rows_in": 0, "rows_kept": 0}
     buffers: dict[int, list] = {}
     buffered: dict[int, int] = {}
@@ -221,9 +240,12 @@ def spill_file(task: tuple[Config, str, ReadTask]) -> dict[str, int]:
             buffers[p], buffered[p] = [], 0
 
     row_base = rt.first_row
-    blocks = _checked(path, readers.read_blocks(
-        path, fmt, cfg.url_col, cfg.caption_col, cfg.extra_cols, cfg.block_rows, counts, rt.row_groups
-    ))
+    blocks = _checked(
+        path,
+        readers.read_blocks(
+            path, fmt, cfg.url_col, cfg.caption_col, cfg.extra_cols, cfg.block_rows, counts, rt.row_groups
+        ),
+    )
     for raw in blocks:
         counts["rows_in"] += raw.num_rows
         order = (np.int64(index) << np.int64(40)) + row_base + np.arange(raw.num_rows, dtype=np.int64)
@@ -247,26 +269,20 @@ def spill_file(task: tuple[Config, str, ReadTask]) -> dict[str, int]:
         flush(p)
     # rows the reader itself could not parse (bad CSV rows, bad WAT records) were never "in" a
     # block: count them as input rows so that in = kept + dropped holds.
-    unread = counts.get("bad_row", 0) + counts.get("bad_record", 0)
-    counts["rows_in"] += unread
-    io.write_json(counts, marker)
+    counts["rows_in"] += counts.get("bad_row", 0) + counts.get("bad_record", 0)
     return counts
 
 
 # ------------------------------------------------------------------------ pass 2: dedup
 
 
-def dedup_partition(task: tuple[Config, str, str, int]) -> dict[str, int]:
+def dedup_partition(partition: int, cfg: Config, spill_root: str, out_dir: str) -> dict[str, int]:
     """Merge one uid partition from every file's spill, keep the first row per uid, write the
     part; returns {"rows": kept, "duplicate": dropped}."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    cfg, spill_root, out_dir, partition = task
     dst = io.join(out_dir, io.part_name(partition))
-    stats_path = io.join(spill_root, f"dedup-{partition:05d}.json")
-    if io.exists(dst) and io.exists(stats_path):
-        return io.read_json(stats_path)
     pieces = []
     piece_dirs = [d for d in io.listdir(spill_root) if d.rsplit("/", 1)[-1].startswith("f")]
     for piece_dir in piece_dirs:
@@ -286,9 +302,7 @@ def dedup_partition(task: tuple[Config, str, str, int]) -> dict[str, int]:
         unique = out_schema.empty_table()
         duplicates = 0
     io.write_parquet(unique, dst, out_schema)
-    stats = {"rows": int(unique.num_rows), "duplicate": duplicates}
-    io.write_json(stats, stats_path)
-    return stats
+    return {"rows": int(unique.num_rows), "duplicate": duplicates}
 
 
 def _concat(pieces):
@@ -306,7 +320,7 @@ def _concat(pieces):
         return pa.concat_tables(fixed, promote_options="permissive")
 
 
-def _schema_with_extras(cfg: Config, pieces) -> "object":
+def _schema_with_extras(cfg: Config, pieces) -> object:
     import pyarrow as pa
 
     out = schema.CANDIDATES
@@ -321,12 +335,10 @@ def _schema_with_extras(cfg: Config, pieces) -> "object":
 
 def input_paths(cfg: Config) -> list[str]:
     """The input files `inputs` names (globs and directories expanded); ConfigError if none."""
-    from wit_builder import readers
-
     if not cfg.inputs:
         raise ConfigError("[candidates] inputs: no input files given")
     try:
-        return readers.expand_inputs(cfg.inputs)
+        return io.expand(cfg.inputs)
     except FileNotFoundError as e:
         raise ConfigError(f"[candidates] inputs: {e}") from None
 
@@ -370,35 +382,38 @@ def plan_inputs(cfg: Config) -> list[tuple[str, str]]:
 
 def run(ctx: StageContext, cfg: Config) -> StageResult:
     """Read, clean, spill by uid partition, de-duplicate; see the module docstring."""
-    from wit_builder import parallel
-
     start = time.perf_counter()
     plan = plan_inputs(cfg)
     out_dir = ctx.stage_dir("candidates")
-    spill_root = io.join(out_dir, "_spill")
-    if ctx.force:
-        io.remove(spill_root)
-        for p in io.listdir(out_dir, ".parquet"):
-            io.remove(p)
-    totals: dict[str, int] = {"rows_in": 0, "rows_kept": 0}
-    tasks = [(cfg, spill_root, rt) for rt in read_tasks(plan, cfg.split_rows)]
-    for _, counts in parallel.map_tasks(spill_file, tasks, desc="candidates: read", progress=ctx.progress, unit="file"):
-        for k, v in counts.items():
-            totals[k] = totals.get(k, 0) + v
-    rows_out = duplicates = 0
-    parts = [(cfg, spill_root, out_dir, p) for p in range(cfg.partitions)]
-    for _, stats in parallel.map_tasks(dedup_partition, parts, desc="candidates: dedup", progress=ctx.progress):
-        rows_out += stats["rows"]
-        duplicates += stats["duplicate"]
-    io.remove(spill_root)
+    spill_root = io.join(ctx.work_dir("candidates"), "spill")
+    reads = read_tasks(plan, cfg.split_rows)
+    read_pass = executor.Pass(
+        "read",
+        ctx.marker_dir("candidates", "read"),
+        functools.partial(spill_file, cfg=cfg, spill_root=spill_root),
+        desc="candidates: read",
+        unit="file",
+    )
+    read = executor.run_pass(read_pass, [executor.Part(rt.name, rt) for rt in reads], progress=ctx.progress)
+    dedup_pass = executor.Pass(
+        "dedup",
+        ctx.marker_dir("candidates", "dedup"),
+        functools.partial(dedup_partition, cfg=cfg, spill_root=spill_root, out_dir=out_dir),
+        tmp_dirs=(out_dir,),
+        desc="candidates: dedup",
+    )
+    dedup = executor.run_pass(
+        dedup_pass, [executor.Part(f"{p:05d}", p) for p in range(cfg.partitions)], progress=ctx.progress
+    )
+    totals = executor.sum_counts(read.values())
     dropped = {k: v for k, v in totals.items() if k not in ("rows_in", "rows_kept")}
-    dropped["duplicate"] = duplicates
+    dropped["duplicate"] = executor.sum_counts(dedup.values()).get("duplicate", 0)
     result = StageResult(
-        rows_in=totals["rows_in"],
-        rows_out=rows_out,
+        rows_in=totals.get("rows_in", 0),
+        rows_out=executor.sum_counts(dedup.values()).get("rows", 0),
         dropped=dropped,
         seconds=time.perf_counter() - start,
-        extra={"files": len(plan), "read_tasks": len(tasks), "partitions": cfg.partitions},
+        extra={"files": len(plan), "read_tasks": len(reads), "partitions": cfg.partitions},
     )
     result.check_accounting()
     return result

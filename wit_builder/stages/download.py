@@ -3,17 +3,18 @@
 Reads `selected/part-*.parquet` (schema.SELECTED) and cuts the rows, in part order, into
 shards of `shard_size` rows (shard i = rows [i*shard_size, (i+1)*shard_size) of the
 concatenated parts: deterministic, whatever the partitioning of the run). Each shard is one
-Ray task (retried by Ray when its worker dies; failed shards are re-run in further rounds
-with exponential backoff), which fetches with `threads_per_task` threads through our safe
-fetch (wit_builder.fetch), checks the header and resizes with img2dataset's resizer
-(wit_builder.resize), then writes, each atomically and in this order:
+part of one executor pass (wit_builder.executor: a Ray task, retried when its worker dies;
+shards that hit an I/O error are re-run in further rounds with exponential backoff), which
+fetches with `threads_per_task` threads through our safe fetch (wit_builder.fetch), checks
+the header and resizes with img2dataset's resizer (wit_builder.resize), then writes, each atomically and in this order:
 
 - `download/{shard:05d}.tar`: `{key}.jpg` (or .png/.webp), `{key}.json`, `{key}.txt` per
   successful sample, members sorted by name (= key order), fixed tar headers;
 - `download/{shard:05d}.parquet`: schema.SAMPLES, one row for EVERY sample of the shard,
   sorted by key: status "success"/"failed", error reason, sizes, stored bytes, sha256;
-- `download/{shard:05d}_stats.json` LAST: a shard is done iff this file exists, and a rerun
-  skips done shards (all of them are redone with ctx.force).
+- the shard's marker `download/_parts/download/{shard:05d}.json` LAST (its counts: samples,
+  successes, errors by reason, bytes): a shard is done iff its marker exists, and a rerun
+  skips done shards.
 
 `retry_failed(ctx, cfg)` (CLI: `wit-build download DIR --retry-failed`) re-fetches only the
 transient failures (timeouts, resets, 5xx, 429) of finished shards and rewrites those shards
@@ -33,19 +34,18 @@ import hashlib
 import ipaddress
 import json
 import time
-import traceback
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-from wit_builder import io, schema
+from wit_builder import executor, io, schema
 from wit_builder.config import ConfigError
-from wit_builder.fetch import DEFAULT_OPTOUT, FetchSettings, Fetcher, is_transient
-from wit_builder.progress import bar
+from wit_builder.fetch import DEFAULT_OPTOUT, Fetcher, FetchSettings, is_transient
 from wit_builder.resize import EncodeFormat, ImageRejected, ResizeMode, ResizeSettings
 from wit_builder.stages.base import StageContext, StageResult, Timer
 
-INPUT_COLUMNS = ["uid", "url", "caption", "query_id", "query_ids"]
+INPUT_COLUMNS = ["uid", "url", "caption", "query_id", "query_text", "query_ids", "rank"]
 
 
 @dataclass(frozen=True)
@@ -231,10 +231,6 @@ def samples_path(out_dir: str, shard: str) -> str:
     return io.join(out_dir, f"{shard}.parquet")
 
 
-def stats_path(out_dir: str, shard: str) -> str:
-    return io.join(out_dir, f"{shard}_stats.json")
-
-
 # -- one shard ---------------------------------------------------------------------------
 
 
@@ -308,7 +304,9 @@ def _record(row: dict[str, Any], shard: str, resized: Any, error: str | None) ->
         "url": row["url"],
         "caption": row["caption"],
         "query_id": row["query_id"],
+        "query_text": row["query_text"],
         "query_ids": row["query_ids"],
+        "rank": row["rank"],
         "shard": shard,
         "status": "success" if ok else "failed",
         "error": None if ok else error,
@@ -322,8 +320,21 @@ def _record(row: dict[str, Any], shard: str, resized: Any, error: str | None) ->
 
 
 def _sample_members(rec: dict[str, Any], image: bytes, ext: str) -> list[tuple[str, bytes]]:
-    meta = {k: rec[k] for k in ("key", "uid", "url", "query_id", "query_ids", "width", "height",
-                                "original_width", "original_height", "sha256")}
+    meta = {
+        k: rec[k]
+        for k in (
+            "key",
+            "uid",
+            "url",
+            "query_id",
+            "query_ids",
+            "width",
+            "height",
+            "original_width",
+            "original_height",
+            "sha256",
+        )
+    }
     key = rec["key"]
     return [
         (f"{key}.{ext}", image),
@@ -332,20 +343,25 @@ def _sample_members(rec: dict[str, Any], image: bytes, ext: str) -> list[tuple[s
     ]
 
 
-def _write_shard(out_dir: str, shard: str, records: list[dict[str, Any]], members: list[tuple[str, bytes]],
-                 seconds: float) -> dict[str, Any]:
-    """tar, then parquet, then stats (the completion marker), each atomic."""
+def _write_shard(
+    out_dir: str, shard: str, records: list[dict[str, Any]], members: list[tuple[str, bytes]], seconds: float
+) -> dict[str, Any]:
+    """tar, then parquet, each atomic; returns the shard's counts (its marker)."""
     import pyarrow as pa
 
-    from wit_builder.tarwriter import write_tar
+    from wit_builder import tario
 
     members.sort(key=lambda m: m[0])
     records.sort(key=lambda r: r["key"])
-    tar_bytes = write_tar(tar_path(out_dir, shard), members)
+    tar_bytes, _ = tario.write_tar(tar_path(out_dir, shard), members)
     io.write_parquet(pa.Table.from_pylist(records, schema=schema.SAMPLES), samples_path(out_dir, shard))
+    return _shard_counts(shard, records, tar_bytes, seconds)
+
+
+def _shard_counts(shard: str, records: list[dict[str, Any]], tar_bytes: int, seconds: float) -> dict[str, Any]:
     errors = Counter(r["error"] for r in records if r["status"] != "success")
     ok = sum(r["status"] == "success" for r in records)
-    stats = {
+    return {
         "shard": shard,
         "count": len(records),
         "successes": ok,
@@ -355,12 +371,10 @@ def _write_shard(out_dir: str, shard: str, records: list[dict[str, Any]], member
         "tar_bytes": tar_bytes,
         "seconds": round(seconds, 3),
     }
-    io.write_json(stats, stats_path(out_dir, shard))
-    return stats
 
 
 def download_shard(spec: ShardSpec, cfg: Config, out_dir: str) -> dict[str, Any]:
-    """Download one shard and write its tar, parquet and stats; returns the stats."""
+    """Download one shard and write its tar and parquet; returns its counts."""
     start = time.monotonic()
     rows = read_shard_rows(spec)
     ext = cfg.encode_format
@@ -380,21 +394,20 @@ def download_shard(spec: ShardSpec, cfg: Config, out_dir: str) -> dict[str, Any]
         records[todo[j]] = rec
         if resized is not None:
             members.extend(_sample_members(rec, resized.data, ext))
-    return _write_shard(out_dir, spec.name, [r for r in records if r is not None], members,
-                        time.monotonic() - start)
+    return _write_shard(out_dir, spec.name, [r for r in records if r is not None], members, time.monotonic() - start)
 
 
-def retry_shard(spec: ShardSpec, cfg: Config, out_dir: str) -> dict[str, Any]:
-    """Re-fetch the transient failures of a finished shard; rewrite it if any changed."""
-    from wit_builder.tarwriter import read_tar
+def retry_shard(spec: ShardSpec, cfg: Config, out_dir: str, download_markers: str) -> dict[str, Any]:
+    """Re-fetch the transient failures of a finished shard; rewrite it (tar, parquet, then its
+    download marker) if any changed. Returns {"retried", "recovered", "rewritten"}."""
+    from wit_builder import tario
 
     start = time.monotonic()
     shard = spec.name
     records = io.read_parquet(samples_path(out_dir, shard)).to_pylist()
+    marker = executor.marker_path(download_markers, shard)
+    stats = io.read_json(marker)
     todo = [i for i, r in enumerate(records) if r["status"] != "success" and is_transient(r["error"])]
-    stats = io.read_json(stats_path(out_dir, shard))
-    if not todo:
-        return {**stats, "retried": 0, "recovered": 0}
     sub = [records[i] for i in todo]
     changed, new_members = 0, []
     for j, resized, error in _download_rows(sub, cfg):
@@ -406,75 +419,24 @@ def retry_shard(spec: ShardSpec, cfg: Config, out_dir: str) -> dict[str, Any]:
         if resized is not None:
             new_members.extend(_sample_members(rec, resized.data, cfg.encode_format))
     recovered = sum(1 for i in todo if records[i]["status"] == "success")
+    new_stats = stats
     if changed:
-        members = list(read_tar(tar_path(out_dir, shard))) + new_members
-        stats = _write_shard(out_dir, shard, records, members, stats.get("seconds", 0) + time.monotonic() - start)
-    return {**stats, "retried": len(todo), "recovered": recovered}
+        members = list(tario.read_tar(tar_path(out_dir, shard))) + new_members
+        new_stats = _write_shard(out_dir, shard, records, members, stats.get("seconds", 0) + time.monotonic() - start)
+    else:  # also mends a marker left behind by a retry killed between its parquet and its marker
+        fresh = _shard_counts(shard, records, stats.get("tar_bytes", 0), stats.get("seconds", 0))
+        new_stats = stats if _same_outcome(fresh, stats) else fresh
+    if new_stats is not stats:
+        io.write_json(new_stats, marker)
+    return {"retried": len(todo), "recovered": recovered, "rewritten": int(new_stats is not stats)}
 
 
-_SHARD_FUNCTIONS: dict[str, Callable[[ShardSpec, Config, str], dict]] = {}
-
-
-def _guarded(job: tuple[str, ShardSpec, Config, str]) -> dict:
-    """Ray task body for (function name, spec, cfg, out_dir); an exception comes back as
-    {"error": ...} so the driver can retry the shard after a backoff."""
-    name, spec, cfg, out_dir = job
-    try:
-        return _SHARD_FUNCTIONS[name](spec, cfg, out_dir)
-    except Exception as e:  # a systemic problem (disk, permissions): the driver retries the shard
-        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-
-
-_SHARD_FUNCTIONS.update(download_shard=download_shard, retry_shard=retry_shard)
+def _same_outcome(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("count", "successes", "failed", "errors", "image_bytes")
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 # -- driver ------------------------------------------------------------------------------
-
-
-def _run_tasks(specs: list[ShardSpec], fn: Callable, cfg: Config, out_dir: str, progress: bool,
-               desc: str, is_done: Callable[[ShardSpec], bool]) -> list[str]:
-    """Run `fn` over `specs` as Ray tasks; rounds with backoff for shards not done after one.
-
-    Returns the task errors seen (for shards that were done in the end, e.g. a retry that
-    failed and left the shard as it was); raises if a shard is still not done.
-    """
-    from wit_builder import parallel
-
-    remaining = list(specs)
-    last_error = ""
-    errors: list[str] = []
-    total = sum(s.rows for s in specs)
-    seen = ok = 0
-    start = time.monotonic()
-    with bar(total=total, desc=desc, unit="img", enabled=progress) as pbar:
-        for attempt in range(cfg.shard_attempts):
-            if not remaining:
-                break
-            if attempt:
-                time.sleep(cfg.retry_backoff * 2 ** (attempt - 1))
-            try:
-                jobs = [(fn.__name__, spec, cfg, out_dir) for spec in remaining]
-                for (_, spec, _, _), res in parallel.map_tasks(_guarded, jobs, desc=desc, progress=False,
-                                                               max_retries=cfg.task_retries, unit="shard"):
-                    if "error" in res:
-                        last_error = f"shard {spec.name}: {res['error']}"
-                        errors.append(last_error)
-                        continue
-                    seen += res["count"]
-                    ok += res["successes"]
-                    pbar.update(res["count"])
-                    rate = seen / max(time.monotonic() - start, 1e-9)
-                    pbar.set_postfix_str(f"ok {100 * ok / max(seen, 1):.1f}% {rate:,.0f} img/s")
-            except Exception as e:  # Ray gave up on a task (its worker died more than task_retries times)
-                last_error = f"{type(e).__name__}: {e}"
-            remaining = [s for s in remaining if not is_done(s)]
-    if remaining:
-        names = ", ".join(s.name for s in remaining[:5])
-        raise RuntimeError(
-            f"download: {len(remaining)} shard(s) unfinished after {cfg.shard_attempts} attempts "
-            f"({names}...); last error: {last_error}"
-        )
-    return errors
 
 
 def _plan_from(ctx: StageContext, cfg: Config) -> list[ShardSpec]:
@@ -485,54 +447,51 @@ def _plan_from(ctx: StageContext, cfg: Config) -> list[ShardSpec]:
     return plan_shards(parts, cfg.shard_size)
 
 
-def _result(specs: list[ShardSpec], out_dir: str, seconds: float, extra: dict[str, Any]) -> StageResult:
-    rows_in = ok = image_bytes = 0
-    dropped: Counter = Counter()
-    for spec in specs:
-        path = stats_path(out_dir, spec.name)
-        if not io.exists(path):
-            continue
-        st = io.read_json(path)
-        rows_in += st["count"]
-        ok += st["successes"]
-        image_bytes += st.get("image_bytes", 0)
-        dropped.update(st["errors"])
-    res = StageResult(rows_in=rows_in, rows_out=ok, dropped=dict(sorted(dropped.items())), seconds=seconds,
-                      extra={"shards": len(specs), "image_bytes": image_bytes, **extra})
+def _result(counts: Iterable[dict[str, Any]], seconds: float, extra: dict[str, Any]) -> StageResult:
+    total = executor.sum_counts(counts)
+    res = StageResult(
+        rows_in=total.get("count", 0),
+        rows_out=total.get("successes", 0),
+        dropped=dict(sorted(total.get("errors", {}).items())),
+        seconds=seconds,
+        extra={"image_bytes": total.get("image_bytes", 0), **extra},
+    )
     res.check_accounting()
     return res
 
 
-def _remove_stale_tmp(out_dir: str) -> None:
-    """Delete temporary files a killed run left behind (".{name}.{id}.tmp")."""
-    import os.path
+def _progress_line(totals: dict[str, Any]) -> str:
+    seen = max(totals.get("count", 0), 1)
+    return f"ok {100 * totals.get('successes', 0) / seen:.1f}%"
 
-    fs, inner = io.filesystem(out_dir)
-    for p in fs.ls(inner, detail=False):
-        base = os.path.basename(p)
-        if base.startswith(".") and base.endswith(".tmp"):
-            fs.rm(p)
+
+def _pass(ctx: StageContext, cfg: Config, name: str, fn: Callable, **kw: Any) -> executor.Pass:
+    return executor.Pass(
+        name,
+        ctx.marker_dir("download", name),
+        fn,
+        tmp_dirs=(ctx.stage_dir("download"),),
+        attempts=cfg.shard_attempts,
+        backoff=cfg.retry_backoff,
+        task_retries=cfg.task_retries,
+        unit="img",
+        **kw,
+    )
 
 
 def run(ctx: StageContext, cfg: Config) -> StageResult:
-    """Download every selected sample (skipping finished shards unless ctx.force)."""
+    """Download every selected sample (finished shards are skipped: their markers exist)."""
     with Timer() as t:
         specs = _plan_from(ctx, cfg)
         out_dir = ctx.stage_dir("download")
-        io.makedirs(out_dir)
-        _remove_stale_tmp(out_dir)
-        if ctx.force:
-            for spec in specs:
-                io.remove(stats_path(out_dir, spec.name))
-        done = lambda s: io.exists(stats_path(out_dir, s.name))  # noqa: E731
-        todo = [s for s in specs if not done(s)]
-        if todo:
-            _run_tasks(todo, download_shard, cfg, out_dir, ctx.progress, "download", done)
-        skipped = len(specs) - len(todo)
-    res = _result(specs, out_dir, t.seconds, {"shards_skipped": skipped})
+        fn = functools.partial(download_shard, cfg=cfg, out_dir=out_dir)
+        step = _pass(ctx, cfg, "download", fn, desc="download", postfix=_progress_line)
+        done_before = len(executor.finished(step.marker_dir))
+        counts = executor.run_pass(step, [executor.Part(s.name, s, s.rows) for s in specs], progress=ctx.progress)
+    res = _result(counts.values(), t.seconds, {"shards": len(specs), "shards_skipped": done_before})
     expected = sum(s.rows for s in specs)
-    if res.rows_in != expected:  # a stats file from another plan (shard_size changed by hand)
-        raise RuntimeError(f"download: stats cover {res.rows_in} rows but the selection has {expected}")
+    if res.rows_in != expected:  # markers from another plan (shard_size changed by hand)
+        raise RuntimeError(f"download: shard markers cover {res.rows_in} rows but the selection has {expected}")
     return res
 
 
@@ -540,24 +499,33 @@ def retry_failed(ctx: StageContext, cfg: Config) -> StageResult:
     """Re-attempt transient failures (timeout, 5xx, 429, resets) of finished shards."""
     with Timer() as t:
         specs = _plan_from(ctx, cfg)
-        out_dir = ctx.stage_dir("download")
-        finished = [s for s in specs if io.exists(stats_path(out_dir, s.name))]
-        todo = []
-        for spec in finished:
-            errors = io.read_json(stats_path(out_dir, spec.name)).get("errors", {})
-            if any(is_transient(e) for e in errors):
-                todo.append(spec)
-        before = _result(finished, out_dir, 0.0, {}).rows_out
-        marker = {s.name: io.read_json(stats_path(out_dir, s.name)) for s in todo}
-        done = lambda s: io.exists(stats_path(out_dir, s.name))  # noqa: E731
-        if todo:
-            errors = _run_tasks(todo, retry_shard, cfg, out_dir, ctx.progress, "download retry", done)
-            if errors:
-                raise RuntimeError(f"download --retry-failed: {len(errors)} shard(s) failed: {errors[0]}")
-        rewritten = [s.name for s in todo if io.read_json(stats_path(out_dir, s.name)) != marker[s.name]]
-    res = _result(finished, out_dir, t.seconds, {
-        "shards_retried": len(todo), "shards_rewritten": len(rewritten), "rewritten_names": rewritten,
-        "shards_unfinished": len(specs) - len(finished),
-    })
+        markers = ctx.marker_dir("download", "download")
+        finished = executor.finished(markers)
+        before = _result(finished.values(), 0.0, {}).rows_out
+        todo = [
+            s for s in specs if s.name in finished and any(is_transient(e) for e in finished[s.name].get("errors", {}))
+        ]
+        step = _pass(
+            ctx,
+            cfg,
+            "retry",
+            functools.partial(retry_shard, cfg=cfg, out_dir=ctx.stage_dir("download"), download_markers=markers),
+            desc="download retry",
+        )
+        executor.reset(step.marker_dir)  # each invocation retries afresh
+        retried = executor.run_pass(step, [executor.Part(s.name, s, s.rows) for s in todo], progress=ctx.progress)
+        executor.reset(step.marker_dir)
+        after = executor.finished(markers)
+    rewritten = sorted(name for name, c in retried.items() if c["rewritten"])
+    res = _result(
+        after.values(),
+        t.seconds,
+        {
+            "shards_retried": len(todo),
+            "shards_rewritten": len(rewritten),
+            "rewritten_names": rewritten,
+            "shards_unfinished": len(specs) - len(after),
+        },
+    )
     res.extra["recovered"] = res.rows_out - before
     return res

@@ -18,13 +18,14 @@ they drop are never decoded (their phash is null). Duplicates are decided global
 run and only among samples that passed every per-sample check, so a sample is never dropped in
 favour of a copy that was itself dropped.
 
-Three steps: (1) per shard, on Ray actors that load the language model and the CLIP model once
-each: checks + features -> filtered/_features/{shard}.parquet (skipped on rerun when present;
-byte-identical copies are hashed once per worker); (2) one global dedup pass over the features'
-uid/sha256/phash, out of core in DuckDB (`dedup_memory_limit`, spilling under
-filtered/_dedup_tmp; see filters/dedup_global.py); (3) per shard,
-filtered/{shard}.parquet with the feature columns (sha256, phash, lang, lang_prob, clip_score)
-after the required ones. Every file is written atomically.
+Three steps: (1) an executor pass, per shard, on workers that load the language model and the
+CLIP model once each (`setup`): checks + features -> filtered/_features/{shard}.parquet
+(finished shards are skipped on rerun; byte-identical copies are hashed once per worker);
+(2) one global dedup pass over the features' uid/sha256/phash, out of core in DuckDB
+(`dedup_memory_limit`, spilling under filtered/_work/dedup; see filters/dedup_global.py);
+(3) an executor pass in this process, per shard in order (it streams the dedup marks):
+filtered/{shard}.parquet with the feature columns (sha256, phash, lang, lang_prob,
+clip_score) after the required ones. Every file is written atomically, markers last.
 
 Example:
     >>> from wit_builder.config import from_dict
@@ -45,7 +46,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from wit_builder import io, schema
+from wit_builder import executor, io, schema
 from wit_builder.config import ConfigError, path_field
 from wit_builder.filters.basic import BasicRules
 from wit_builder.filters.dedup_global import duplicate_marks
@@ -180,9 +181,9 @@ def _setup(cfg: Config) -> _Worker:
 
     worker = _Worker(cfg, lid=LanguageId(cfg.candidates) if cfg.languages else None)
     if cfg.clip_model:
-        from wit_builder.filters.clip_score import ClipScorer
-
         import torch
+
+        from wit_builder.filters.clip_score import ClipScorer
 
         torch.set_num_threads(1)
         worker.scorer = ClipScorer(
@@ -192,128 +193,148 @@ def _setup(cfg: Config) -> _Worker:
 
 
 def _read_successes(parquet_path: str) -> pa.Table:
-    cols = ["key", "uid", "shard", "status", "caption", "width", "height",
-            "original_width", "original_height", "sha256"]
+    cols = [
+        "key",
+        "uid",
+        "shard",
+        "status",
+        "caption",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "sha256",
+    ]
     table = io.read_parquet(parquet_path, columns=cols)
     return table.filter(pc.equal(table["status"], "success"))
 
 
 def _image_members(tar_path: str, wanted: set[str]):
     """Yield (key, image bytes) for the image members of `wanted` keys, in tar order."""
-    import tarfile
+    from wit_builder import tario
 
-    import fsspec
-
-    with fsspec.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            key, _, ext = m.name.rpartition(".")
-            if m.isfile() and ext.lower() in IMAGE_EXTS and key in wanted:
-                yield key, tar.extractfile(m).read()
+    for name, data in tario.read_tar(tar_path):
+        key, _, ext = name.rpartition(".")
+        if ext.lower() in IMAGE_EXTS and key in wanted:
+            yield key, data
 
 
-def shard_features(worker: _Worker, job: tuple[str, str, str]) -> int:
-    """Step 1 for one download shard: per-sample checks and features -> features parquet.
+class _ShardFeatures:
+    """The per-sample columns of one shard's features, filled image by image."""
 
-    `job` = (download parquet, download tar, output features parquet); returns rows written.
-    """
-    from PIL import Image
+    def __init__(self, worker: _Worker, rows: list[dict[str, Any]]):
+        n = len(rows)
+        self.worker, self.cfg, self.rows = worker, worker.cfg, rows
+        self.reason: list[str | None] = ["decode_error"] * n  # until the image is seen in the tar
+        self.phash: list[int | None] = [None] * n
+        self.lang: list[str | None] = [None] * n
+        self.lang_prob: list[float | None] = [None] * n
+        self.clip: list[float | None] = [None] * n
+        self.pending: list[tuple[int, Any]] = []  # (row, decoded image) awaiting a CLIP batch
 
-    parquet_path, tar_path, out_path = job
-    cfg = worker.cfg
-    rows = _read_successes(parquet_path).to_pylist()
-    index = {r["key"]: i for i, r in enumerate(rows)}
-    n = len(rows)
-    reason: list[str | None] = ["decode_error"] * n  # until the image is seen in the tar
-    ph: list[int | None] = [None] * n
-    lang: list[str | None] = [None] * n
-    lang_prob: list[float | None] = [None] * n
-    clip: list[float | None] = [None] * n
-    pending: list[tuple[int, Any]] = []  # (row, decoded image) awaiting a CLIP batch
-
-    def flush() -> None:
-        if not pending:
-            return
-        scores = worker.scorer.score([im for _, im in pending], [rows[i]["caption"] for i, _ in pending])
-        for (i, _), s in zip(pending, scores.tolist()):
-            clip[i] = s
-            if s < cfg.clip_min_score:
-                reason[i] = "clip_score"
-        pending.clear()
-
-    for key, data in _image_members(tar_path, set(index)) if n else ():
-        i = index[key]
-        r = rows[i]
+    def cheap_reason(self, i: int) -> str | None:
+        """Size, aspect, caption and language checks: no decoding needed."""
+        r, cfg = self.rows[i], self.cfg
         width = r["original_width"] or r["width"] or 0
         height = r["original_height"] or r["height"] or 0
         why = cfg.rules.check(width, height, r["caption"])
-        if worker.lid is not None:
-            lang[i], lang_prob[i] = worker.lid.detect(r["caption"])
-            if why is None and is_other_language(lang[i], lang_prob[i], cfg.languages,
-                                                 cfg.language_min_confidence):
+        if self.worker.lid is not None:
+            self.lang[i], self.lang_prob[i] = self.worker.lid.detect(r["caption"])
+            if why is None and is_other_language(
+                self.lang[i], self.lang_prob[i], cfg.languages, cfg.language_min_confidence
+            ):
                 why = "language"
-        reason[i] = why
-        if why is not None:  # dropped by a cheap check: no need to decode
-            continue
+        return why
+
+    def add(self, i: int, data: bytes) -> None:
+        """Row i's stored image: checks, perceptual hash, and a place in the next CLIP batch."""
+        from PIL import Image
+
+        self.reason[i] = self.cheap_reason(i)
+        if self.reason[i] is not None:  # dropped by a cheap check: no need to decode
+            return
         try:
-            ph[i] = worker.phash_of(r["sha256"], data)
-        except Exception:  # a truncated or foreign file: a row with a reason, never a crash
-            reason[i] = "decode_error"
-            continue
-        if worker.scorer is not None:
-            try:
+            self.phash[i] = self.worker.phash_of(self.rows[i]["sha256"], data)
+            if self.worker.scorer is not None:
                 with Image.open(_io.BytesIO(data)) as img:
-                    pending.append((i, img.convert("RGB")))
-            except Exception:
-                reason[i] = "decode_error"
-                continue
-            if len(pending) >= cfg.clip_batch_size:
-                flush()
-    flush()
-    table = pa.table(
-        {
-            "key": [r["key"] for r in rows],
-            "uid": [r["uid"] for r in rows],
-            "shard": [r["shard"] for r in rows],
-            "reason": reason,
-            "sha256": [r["sha256"] for r in rows],
-            "phash": pa.array(ph, pa.uint64()),
-            "lang": lang,
-            "lang_prob": pa.array(lang_prob, pa.float32()),
-            "clip_score": pa.array(clip, pa.float32()),
-        },
-        schema=FEATURES,
-    )
-    io.write_parquet(table, out_path)
-    return n
+                    self.pending.append((i, img.convert("RGB")))
+        except Exception:  # a truncated or foreign file: a row with a reason, never a crash
+            self.reason[i] = "decode_error"
+            return
+        if len(self.pending) >= self.cfg.clip_batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score the pending images against their captions."""
+        if not self.pending:
+            return
+        scores = self.worker.scorer.score(
+            [im for _, im in self.pending], [self.rows[i]["caption"] for i, _ in self.pending]
+        )
+        for (i, _), score in zip(self.pending, scores.tolist()):
+            self.clip[i] = score
+            if score < self.cfg.clip_min_score:
+                self.reason[i] = "clip_score"
+        self.pending.clear()
+
+    def table(self) -> pa.Table:
+        rows = self.rows
+        return pa.table(
+            {
+                "key": [r["key"] for r in rows],
+                "uid": [r["uid"] for r in rows],
+                "shard": [r["shard"] for r in rows],
+                "reason": self.reason,
+                "sha256": [r["sha256"] for r in rows],
+                "phash": pa.array(self.phash, pa.uint64()),
+                "lang": self.lang,
+                "lang_prob": pa.array(self.lang_prob, pa.float32()),
+                "clip_score": pa.array(self.clip, pa.float32()),
+            },
+            schema=FEATURES,
+        )
+
+
+def shard_features(worker: _Worker, job: tuple[str, str, str]) -> dict[str, int]:
+    """Step 1 for one download shard: per-sample checks and features -> features parquet.
+
+    `job` = (download parquet, download tar, output features parquet); returns {"rows"}.
+    """
+    parquet_path, tar_path, out_path = job
+    rows = _read_successes(parquet_path).to_pylist()
+    index = {r["key"]: i for i, r in enumerate(rows)}
+    features = _ShardFeatures(worker, rows)
+    for key, data in _image_members(tar_path, set(index)) if rows else ():
+        features.add(index[key], data)
+    features.flush()
+    io.write_parquet(features.table(), out_path)
+    return {"rows": len(rows)}
 
 
 # ---------------------------------------------------------------- the stage
 
 
 def _download_shards(download_dir: str) -> list[tuple[str, str, str]]:
-    """(shard name, parquet path, tar path) of every finished download shard, in order."""
+    """(shard name, parquet path, tar path) of every download shard, in order (the download
+    stage is finished: the runner checks that before this stage starts)."""
     out = []
     for path in io.listdir(download_dir, ".parquet"):
         m = SHARD_RE.match(path.rsplit("/", 1)[-1])
-        if not m:
-            continue
-        name = m.group(1)
-        if not io.exists(io.join(download_dir, f"{name}_stats.json")):
-            raise ConfigError(f"download shard {name} in {download_dir} is unfinished (no {name}_stats.json): "
-                              "finish the download stage first")
-        out.append((name, path, io.join(download_dir, f"{name}.tar")))
+        if m:
+            out.append((m.group(1), path, io.join(download_dir, f"{m.group(1)}.tar")))
     return out
 
 
-def remove_stale_tmp(directory: str) -> None:
-    """Delete the temporary files (".{name}.{id}.tmp") a killed run left in `directory`."""
-    fs, inner = io.filesystem(directory)
-    if not fs.exists(inner):
-        return
-    for p in fs.ls(inner, detail=False):
-        base = p.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith(".") and base.endswith(".tmp"):
-            fs.rm(p)
+def invalidate(ctx: StageContext, shards: list[str]) -> None:
+    """The download shards named were rewritten (`download --retry-failed`): forget their
+    features, and every decision (duplicates are global), so that the next run redoes those."""
+    out_dir = ctx.stage_dir("filter")
+    for name in shards:
+        io.remove(io.join(out_dir, FEATURES_DIR, f"{name}.parquet"))
+        io.remove(executor.marker_path(ctx.marker_dir("filter", "features"), name))
+    executor.reset(ctx.marker_dir("filter", "write"))
+    for path in io.listdir(out_dir, ".parquet"):
+        io.remove(path)
 
 
 def _check_languages(cfg: Config) -> None:
@@ -323,8 +344,9 @@ def _check_languages(cfg: Config) -> None:
     for key in ("languages", "language_candidates"):
         unknown = [code for code in getattr(cfg, key) if code not in known]
         if unknown:
-            raise ConfigError(f"[filter] key {key!r}: unknown language codes {unknown} "
-                              f"(py3langid knows: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"[filter] key {key!r}: unknown language codes {unknown} (py3langid knows: {', '.join(sorted(known))})"
+            )
 
 
 def _check_clip(cfg: Config) -> None:
@@ -335,8 +357,48 @@ def _check_clip(cfg: Config) -> None:
     if cfg.clip_model_config:
         open_clip.add_model_config(cfg.clip_model_config)
     if cfg.clip_model not in open_clip.list_models():
-        raise ConfigError(f"[filter] key 'clip_model': unknown open_clip model {cfg.clip_model!r} "
-                          "(give clip_model_config for a custom architecture)")
+        raise ConfigError(
+            f"[filter] key 'clip_model': unknown open_clip model {cfg.clip_model!r} "
+            "(give clip_model_config for a custom architecture)"
+        )
+
+
+class _ShardDecisions:
+    """Step 3 for one shard, in shard order: the per-sample reason, else the shard's global
+    duplicate mark -> filtered/{shard}.parquet. `marks` yields (shard index, uid, reason)
+    sorted by shard index; shards done before a crash just skip their marks."""
+
+    def __init__(self, marks):
+        self.marks = marks
+        self.next = next(marks, None)
+
+    def __call__(self, job: tuple[int, str, str]) -> dict[str, Any]:
+        index, feature_path, out_path = job
+        shard_marks: dict[str, str] = {}
+        while self.next is not None and self.next[0] <= index:
+            if self.next[0] == index:
+                shard_marks[self.next[1]] = self.next[2]
+            self.next = next(self.marks, None)
+        part = io.read_parquet(feature_path)
+        reasons = [
+            reason if reason is not None else shard_marks.get(uid)
+            for uid, reason in zip(part["uid"].to_pylist(), part["reason"].to_pylist())
+        ]
+        table = pa.table(
+            {
+                "key": part["key"],
+                "uid": part["uid"],
+                "shard": part["shard"],
+                "drop_reason": pa.array(reasons, pa.string()),
+                "sha256": part["sha256"],
+                "phash": part["phash"],
+                "lang": part["lang"],
+                "lang_prob": part["lang_prob"],
+                "clip_score": part["clip_score"],
+            }
+        )
+        io.write_parquet(table, out_path, schema.FILTERED)
+        return {"rows": part.num_rows, "dropped": dict(Counter(r for r in reasons if r is not None))}
 
 
 def run(ctx: StageContext, cfg: Config) -> StageResult:
@@ -347,63 +409,61 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
     shards = _download_shards(download_dir)
     _check_languages(cfg)
     _check_clip(cfg)
-    for d in (out_dir, feat_dir):
-        remove_stale_tmp(d)
-    todo = [
-        (pq, tar, io.join(feat_dir, f"{name}.parquet"))
-        for name, pq, tar in shards
-        if ctx.force or not io.exists(io.join(feat_dir, f"{name}.parquet"))
-    ]
-    if todo:
-        from wit_builder import parallel
-
-        workers = min(len(todo), cfg.workers or ctx.num_cpus or 1)
-        for _ in parallel.map_actors(
-            functools.partial(_setup, cfg), shard_features, todo,
-            desc="filter", num_actors=workers, progress=ctx.progress, total=len(todo), unit="shard",
-            num_gpus=cfg.gpus_per_worker,
-        ):
-            pass
-    # step 2: global dedup, out of core (DuckDB); marks come sorted by shard
     names = [name for name, _, _ in shards]
     feature_paths = [io.join(feat_dir, f"{name}.parquet") for name in names]
-    tmp = io.join(out_dir, "_dedup_tmp") if io.is_local(out_dir) else tempfile.mkdtemp(prefix="wit-dedup-")
+    # step 1: per-shard checks and features, on actors holding the models
+    features = executor.Pass(
+        "features",
+        ctx.marker_dir("filter", "features"),
+        shard_features,
+        setup=functools.partial(_setup, cfg),
+        tmp_dirs=(feat_dir,),
+        workers=cfg.workers or ctx.num_cpus,
+        num_gpus=cfg.gpus_per_worker,
+        desc="filter",
+        unit="shard",
+    )
+    executor.run_pass(
+        features,
+        [executor.Part(name, (pq, tar, fp)) for (name, pq, tar), fp in zip(shards, feature_paths)],
+        progress=ctx.progress,
+    )
+    # step 2: global dedup, out of core (DuckDB); marks come sorted by shard
+    tmp = io.join(ctx.work_dir("filter"), "dedup") if io.is_local(out_dir) else tempfile.mkdtemp(prefix="wit-dedup-")
     io.remove(tmp)
     io.makedirs(tmp)
-    marks = duplicate_marks(feature_paths, exact=cfg.exact_dedup, max_distance=cfg.near_dedup_distance,
-                            tmp_dir=tmp, memory_limit=cfg.dedup_memory_limit)
-    next_mark = next(marks, None)
-    # step 3: per-shard output
-    dropped: dict[str, int] = {}
-    rows_in = 0
-    for fi, (name, feature_path) in enumerate(zip(names, feature_paths)):
-        shard_marks: dict[str, str] = {}
-        while next_mark is not None and next_mark[0] == fi:
-            shard_marks[next_mark[1]] = next_mark[2]
-            next_mark = next(marks, None)
-        part = io.read_parquet(feature_path)
-        rows_in += part.num_rows
-        part_reasons = [
-            reason if reason is not None else shard_marks.get(uid)
-            for uid, reason in zip(part["uid"].to_pylist(), part["reason"].to_pylist())
-        ]
-        for reason, count in Counter(r for r in part_reasons if r is not None).items():
-            dropped[reason] = dropped.get(reason, 0) + count
-        out_path = io.join(out_dir, f"{name}.parquet")
-        if io.exists(out_path) and not ctx.force:
-            continue
-        table = pa.table(
-            {
-                "key": part["key"], "uid": part["uid"], "shard": part["shard"],
-                "drop_reason": pa.array(part_reasons, pa.string()),
-                "sha256": part["sha256"], "phash": part["phash"], "lang": part["lang"],
-                "lang_prob": part["lang_prob"], "clip_score": part["clip_score"],
-            }
-        )
-        io.write_parquet(table, out_path, schema.FILTERED)
+    marks = duplicate_marks(
+        feature_paths,
+        exact=cfg.exact_dedup,
+        max_distance=cfg.near_dedup_distance,
+        tmp_dir=tmp,
+        memory_limit=cfg.dedup_memory_limit,
+    )
+    # step 3: per-shard decisions, in this process (it streams the marks)
+    write = executor.Pass(
+        "write",
+        ctx.marker_dir("filter", "write"),
+        _ShardDecisions(marks),
+        local=True,
+        tmp_dirs=(out_dir,),
+        desc="filter: write",
+        unit="shard",
+    )
+    counts = executor.run_pass(
+        write,
+        [
+            executor.Part(name, (i, fp, io.join(out_dir, f"{name}.parquet")))
+            for i, (name, fp) in enumerate(zip(names, feature_paths))
+        ],
+        progress=False,
+    )
     io.remove(tmp)
-    kept = rows_in - sum(dropped.values())
+    totals = executor.sum_counts(counts.values())
+    dropped = totals.get("dropped", {})
+    rows_in = totals.get("rows", 0)
     return StageResult(
-        rows_in=rows_in, rows_out=kept, dropped=dropped,
+        rows_in=rows_in,
+        rows_out=rows_in - sum(dropped.values()),
+        dropped=dropped,
         extra={"shards": len(names), "clip_model": cfg.clip_model or None},
     )

@@ -32,12 +32,13 @@ import itertools
 import operator
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
-from wit_builder import io, schema
+from wit_builder import executor, io, schema
 from wit_builder.stages.base import StageContext, StageResult
 
 Mode = Literal["word", "metaclip", "substring"]
@@ -89,6 +90,8 @@ def _encodable(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
 _ASCII_SPACE = [c for c in "\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"]  # str.split() whitespace besides " "
 
 
@@ -172,16 +175,16 @@ class Matcher:
         if not patterns:
             self._automaton = None
         elif mode == "word":
-            self._automaton = ahocorasick_rs.BytesAhoCorasick([p.encode("utf-8") for p in patterns], implementation=impl)
+            self._automaton = ahocorasick_rs.BytesAhoCorasick(
+                [p.encode("utf-8") for p in patterns], implementation=impl
+            )
         else:
             self._automaton = ahocorasick_rs.AhoCorasick(list(patterns), implementation=impl)
         # pattern id -> query ids (CSR); a plain gather when every pattern has exactly one query
         lengths = np.fromiter((len(o) for o in owners), dtype=np.int64, count=len(owners))
         self._one_to_one = bool(np.all(lengths == 1))
         self._owner_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self._owner_ids = np.fromiter(
-            itertools.chain.from_iterable(owners), dtype=np.int64, count=int(lengths.sum())
-        )
+        self._owner_ids = np.fromiter(itertools.chain.from_iterable(owners), dtype=np.int64, count=int(lengths.sum()))
         self.num_patterns = len(owners)
 
     # -- per-mode transforms -------------------------------------------------------------
@@ -331,8 +334,8 @@ def build_matcher(queries_path: str, mode: str) -> Matcher:
     return Matcher(load_queries(queries_path), mode=mode)  # type: ignore[arg-type]
 
 
-def match_part(matcher: Matcher, task: tuple[str, str, int]) -> tuple[int, int]:
-    """Match one candidates part into one matched part; returns (rows_in, rows_out)."""
+def match_part(matcher: Matcher, task: tuple[str, str, int]) -> dict[str, int]:
+    """Match one candidates part into one matched part; returns {"rows_in", "rows_out"}."""
     import pyarrow as pa
 
     src, dst, batch_rows = task
@@ -354,7 +357,7 @@ def match_part(matcher: Matcher, task: tuple[str, str, int]) -> tuple[int, int]:
     # extra url-list columns may hold nulls: write every column as nullable
     nullable = pa.schema([f.with_nullable(True) for f in out_schema])
     rows_out = io.write_parquet_batches(batches(), dst, nullable)
-    return rows_in, rows_out
+    return {"rows_in": rows_in, "rows_out": rows_out}
 
 
 def _output_schema(candidates_schema):
@@ -363,14 +366,6 @@ def _output_schema(candidates_schema):
     for f in extra:
         out = out.append(f)
     return out
-
-
-def _num_rows(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    fs, inner = io.filesystem(path)
-    with fs.open(inner, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _parquet_schema(path: str):
@@ -383,7 +378,6 @@ def _parquet_schema(path: str):
 
 def run(ctx: StageContext, cfg: Config) -> StageResult:
     """Match every candidates part against queries/queries.parquet into matched/part-*.parquet."""
-    from wit_builder import parallel
     from wit_builder.config import ConfigError
 
     start = time.perf_counter()
@@ -393,23 +387,21 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
     parts = io.listdir(ctx.stage_dir("candidates"), ".parquet")
     parts = [p for p in parts if p.rsplit("/", 1)[-1].startswith("part-")]
     out_dir = ctx.stage_dir("match")
-    rows_in = rows_out = 0
-    todo = []
+    step = executor.Pass(
+        "match",
+        ctx.marker_dir("match", "match"),
+        match_part,
+        setup=functools.partial(build_matcher, queries_path, cfg.mode),
+        workers=cfg.num_workers or ctx.num_cpus,
+        tmp_dirs=(out_dir,),
+        desc="match",
+    )
+    plan = []
     for src in parts:
-        dst = io.join(out_dir, src.rsplit("/", 1)[-1])
-        if io.exists(dst) and not ctx.force:
-            rows_in += _num_rows(src)
-            rows_out += _num_rows(dst)
-        else:
-            todo.append((src, dst, cfg.batch_rows))
-    if todo:
-        workers = min(len(todo), cfg.num_workers or ctx.num_cpus or 1)
-        setup = functools.partial(build_matcher, queries_path, cfg.mode)
-        for _, (n_in, n_out) in parallel.map_actors(
-            setup, match_part, todo, desc="match", num_actors=workers, progress=ctx.progress, total=len(todo)
-        ):
-            rows_in += n_in
-            rows_out += n_out
+        name = src.rsplit("/", 1)[-1]
+        plan.append(executor.Part(name.split(".")[0], (src, io.join(out_dir, name), cfg.batch_rows)))
+    totals = executor.sum_counts(executor.run_pass(step, plan, progress=ctx.progress).values())
+    rows_in, rows_out = totals.get("rows_in", 0), totals.get("rows_out", 0)
     result = StageResult(
         rows_in=rows_in,
         rows_out=rows_out,

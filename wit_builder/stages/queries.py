@@ -118,27 +118,32 @@ class Config:
             raise ValueError("wordfreq_top_n must be >= 0 (0 = all)")
 
     def has_source(self) -> bool:
-        return bool(self.lists or self.default or self.wordnet or self.wiki_dumps or self.pageviews
-                    or self.wordfreq or self.corpus_files)
+        return bool(
+            self.lists
+            or self.default
+            or self.wordnet
+            or self.wiki_dumps
+            or self.pageviews
+            or self.wordfreq
+            or self.corpus_files
+        )
 
 
 def _expand(paths: list[str]) -> list[str]:
-    import glob
-
-    out: list[str] = []
-    for p in paths:
-        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
-        if not hits:
-            raise ConfigError(f"[queries] no file matches {p!r}")
-        out.extend(hits)
-    return out
+    """The files `paths` name (io.expand: globs, directories); ConfigError naming a pattern that
+    matches nothing."""
+    try:
+        return io.expand(paths)
+    except FileNotFoundError as e:
+        raise ConfigError(f"[queries] {e}") from None
 
 
 def build_sources(cfg: Config, show_progress: bool = True) -> list:
     """Run every configured source, in build order; returns their `SourceOutput`s."""
     from wit_builder.querybuild import sources
     from wit_builder.querybuild.counts import SpillCounter
-    from wit_builder.querybuild.ngrams import NgramCounts, count_dumps
+    from wit_builder.querybuild.dumps import count_dumps
+    from wit_builder.querybuild.ngrams import NgramCounts
 
     tmp = cfg.tmp_dir or None
     outputs = []
@@ -157,21 +162,37 @@ def build_sources(cfg: Config, show_progress: bool = True) -> list:
                 titles = SpillCounter(cfg.spill_keys, tmp, "titles")
             try:
                 page_stats = count_dumps(dumps, counts, titles, show_progress, cfg.workers)
-                outputs.extend(sources.ngram_sources(
-                    counts, "wiki", cfg.min_unigram_count, cfg.min_bigram_count, cfg.min_pmi, cfg.skip_numeric,
-                    cfg.wiki_unigrams, cfg.wiki_bigrams, info={"dumps": dumps, **page_stats},
-                    skip_stopword_bigrams=cfg.skip_stopword_bigrams))
+                outputs.extend(
+                    sources.ngram_sources(
+                        counts,
+                        "wiki",
+                        cfg.min_unigram_count,
+                        cfg.min_bigram_count,
+                        cfg.min_pmi,
+                        cfg.skip_numeric,
+                        cfg.wiki_unigrams,
+                        cfg.wiki_bigrams,
+                        info={"dumps": dumps, **page_stats},
+                        skip_stopword_bigrams=cfg.skip_stopword_bigrams,
+                    )
+                )
             finally:
                 counts.close()
         if cfg.pageviews:
-            outputs.append(sources.title_source(
-                _expand(cfg.pageviews), cfg.pageview_projects, cfg.min_title_views, titles, cfg.spill_keys, tmp))
+            outputs.append(
+                sources.title_source(
+                    _expand(cfg.pageviews), cfg.pageview_projects, cfg.min_title_views, titles, cfg.spill_keys, tmp
+                )
+            )
     finally:
         if titles is not None:
             titles.close()
     if cfg.wordfreq:
-        outputs.append(sources.wordfreq_source(
-            cfg.wordfreq_lang, cfg.wordfreq_list, cfg.wordfreq_top_n, cfg.wordfreq_min_zipf, cfg.skip_numeric))
+        outputs.append(
+            sources.wordfreq_source(
+                cfg.wordfreq_lang, cfg.wordfreq_list, cfg.wordfreq_top_n, cfg.wordfreq_min_zipf, cfg.skip_numeric
+            )
+        )
     if cfg.corpus_files:
         counts = NgramCounts(cfg.spill_keys, tmp)
         try:
@@ -179,10 +200,20 @@ def build_sources(cfg: Config, show_progress: bool = True) -> list:
             for f in files:
                 for text in sources.iter_corpus_texts(f, cfg.corpus_column):
                     counts.add_text(text)
-            outputs.extend(sources.ngram_sources(
-                counts, "caption", cfg.corpus_min_bigram_count, cfg.corpus_min_bigram_count, cfg.corpus_min_pmi,
-                cfg.skip_numeric, want_unigrams=False, want_bigrams=True, info={"files": files},
-                skip_stopword_bigrams=cfg.skip_stopword_bigrams))
+            outputs.extend(
+                sources.ngram_sources(
+                    counts,
+                    "caption",
+                    cfg.corpus_min_bigram_count,
+                    cfg.corpus_min_bigram_count,
+                    cfg.corpus_min_pmi,
+                    cfg.skip_numeric,
+                    want_unigrams=False,
+                    want_bigrams=True,
+                    info={"files": files},
+                    skip_stopword_bigrams=cfg.skip_stopword_bigrams,
+                )
+            )
         finally:
             counts.close()
     return outputs
@@ -212,16 +243,20 @@ def format_stats(stats: dict) -> str:
     lines = [f"queries: {stats['total']:,} queries (max {stats['max_queries']:,}, dedup {stats['dedup']})"]
     lines.append(f"  {'source':<15}{'seen':>12}{'passed':>10}{'dup':>9}{'over_max':>10}{'kept':>10}")
     for name, s in stats["by_source"].items():
-        lines.append(f"  {name:<15}{s['seen']:>12,}{s['passed']:>10,}{s['duplicate']:>9,}"
-                     f"{s['over_max_queries']:>10,}{s['kept']:>10,}")
+        lines.append(
+            f"  {name:<15}{s['seen']:>12,}{s['passed']:>10,}{s['duplicate']:>9,}"
+            f"{s['over_max_queries']:>10,}{s['kept']:>10,}"
+        )
     for name, ov in stats["overlaps"].items():
         if ov:
             lines.append(f"  overlap: {name} already in " + ", ".join(f"{k} {v:,}" for k, v in ov.items()))
     for name, info in stats["source_info"].items():
         if "bigrams_passing_pmi_at" in info and name.endswith("bigram"):
             table = ", ".join(f">={t}: {n:,}" for t, n in info["bigrams_passing_pmi_at"].items())
-            lines.append(f"  {name}: N={info['tokens']:,} tokens; bigrams with count >= "
-                         f"{info['min_bigram_count']} by PMI {table} (used >= {info['min_pmi']})")
+            lines.append(
+                f"  {name}: N={info['tokens']:,} tokens; bigrams with count >= "
+                f"{info['min_bigram_count']} by PMI {table} (used >= {info['min_pmi']})"
+            )
     for name, ex in stats["examples"].items():
         lines.append(f"  e.g. {name}: " + ", ".join(ex[:6]))
     return "\n".join(lines)
@@ -235,28 +270,36 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
     from wit_builder.querybuild.lists import write_metadata_json
 
     if not cfg.has_source():
-        raise ConfigError("[queries]: no query source configured (set lists, default, wordnet, wiki_dumps, "
-                          "pageviews, wordfreq or corpus_files)")
+        raise ConfigError(
+            "[queries]: no query source configured (set lists, default, wordnet, wiki_dumps, "
+            "pageviews, wordfreq or corpus_files)"
+        )
     with Timer() as t:
         outputs = build_sources(cfg, ctx.progress)
         combined = combine(outputs, cfg.dedup, cfg.max_queries)
         out_dir = ctx.stage_dir("queries")
         rows = combined.rows
-        table = pa.table({
-            "query_id": pa.array(range(len(rows)), pa.int32()),
-            "text": pa.array([r[0] for r in rows], pa.string()),
-            "source": pa.array([r[1] for r in rows], pa.string()),
-            "count": pa.array([r[2] for r in rows], pa.int64()),
-            "score": pa.array([r[3] for r in rows], pa.float64()),
-        })
+        table = pa.table(
+            {
+                "query_id": pa.array(range(len(rows)), pa.int32()),
+                "text": pa.array([r[0] for r in rows], pa.string()),
+                "source": pa.array([r[1] for r in rows], pa.string()),
+                "count": pa.array([r[2] for r in rows], pa.int64()),
+                "score": pa.array([r[3] for r in rows], pa.float64()),
+            }
+        )
         io.write_parquet(table, io.join(out_dir, OUTPUT_FILE), schema.QUERIES.append(pa.field("score", pa.float64())))
         stats = make_stats(cfg, combined, outputs)
         io.write_json(stats, io.join(out_dir, STATS_FILE))
         if cfg.metadata_json:
             write_metadata_json([r[0] for r in rows], io.join(out_dir, "metadata.json"))
     print(format_stats(stats), file=sys.stderr, flush=True)
-    result = StageResult(rows_in=combined.seen, rows_out=len(rows), dropped=combined.dropped, seconds=t.seconds,
-                         extra={"by_source": {k: v["kept"] for k, v in combined.per_source.items()}})
+    result = StageResult(
+        rows_in=combined.seen,
+        rows_out=len(rows),
+        dropped=combined.dropped,
+        seconds=t.seconds,
+        extra={"by_source": {k: v["kept"] for k, v in combined.per_source.items()}},
+    )
     result.check_accounting()
     return result
-

@@ -21,23 +21,33 @@ import sys
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="wit-train", description="Train CLIP on wit-builder shards.",
+        prog="wit-train",
+        description="Train CLIP on wit-builder shards.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  wit-train --config pipelines/train-tiny.toml --data runs/demo/shards/manifest.json "
-               "--out runs/demo/train-long --set steps=200\n"
-               "  torchrun --nproc-per-node 8 -m wit_builder.train --config pipelines/train-vit-b32.toml "
-               "--data RUN/shards/manifest.json --out RUN/train",
+        "  wit-train --config pipelines/train-tiny.toml --data runs/demo/shards/manifest.json "
+        "--out runs/demo/train-long --set steps=200\n"
+        "  torchrun --nproc-per-node 8 -m wit_builder.train --config pipelines/train-vit-b32.toml "
+        "--data RUN/shards/manifest.json --out RUN/train",
     )
     p.add_argument("--config", help="trainer TOML (pipelines/train-tiny.toml, ...); defaults when omitted")
     p.add_argument("--data", required=True, help="shards/manifest.json")
     p.add_argument("--out", required=True, help="output folder: logs, checkpoints, eval.jsonl")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. steps=20 or optim.lr=1e-3 (TOML values)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. steps=20 or optim.lr=1e-3 (TOML values)",
+    )
     p.add_argument("--pretrained", default="", help="local open_clip checkpoint to start from")
     p.add_argument("--no-resume", action="store_true", help="do not resume from OUT/checkpoints")
-    p.add_argument("--keys-log", default="", metavar="PREFIX",
-                   help="audit: append 'epoch<TAB>step<TAB>key' of every trained sample to PREFIX.<rank>")
+    p.add_argument(
+        "--keys-log",
+        default="",
+        metavar="PREFIX",
+        help="audit: append 'epoch<TAB>step<TAB>key' of every trained sample to PREFIX.<rank>",
+    )
     return p.parse_args(argv)
 
 
@@ -58,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         from wit_builder.train.loop import train
 
         keys_log = f"{args.keys_log}.{rank}" if args.keys_log else None
-        summary = train(cfg, args.data, args.out, pretrained=args.pretrained, resume=not args.no_resume,
-                        keys_log=keys_log)
+        summary = train(
+            cfg, args.data, args.out, pretrained=args.pretrained, resume=not args.no_resume, keys_log=keys_log
+        )
     except ConfigError as e:
         print(f"wit-train: error: {e}", file=sys.stderr)
         return 2

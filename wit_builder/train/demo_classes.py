@@ -80,8 +80,9 @@ def read_captions(path: str) -> dict[str, list[str]]:
     return dict(caps)
 
 
-def build_zeroshot_folder(images_dir: str, captions_parquet: str, out_dir: str, min_captions: int = 2,
-                          min_images: int = 2) -> dict[str, int]:
+def build_zeroshot_folder(
+    images_dir: str, captions_parquet: str, out_dir: str, min_captions: int = 2, min_images: int = 2
+) -> dict[str, int]:
     """Write the labelled folder + classnames.txt into `out_dir`; returns images per class."""
     assigned = assign_classes(read_captions(captions_parquet), min_captions, min_images)
     if os.path.isdir(out_dir):

@@ -17,8 +17,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY_TOML = os.path.join(REPO, "pipelines", "train-tiny.toml")
 
 
-def train_and_zero_shot(manifest: str, out: str, images_dir: str, captions_parquet: str,
-                        table: dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def train_and_zero_shot(
+    manifest: str,
+    out: str,
+    images_dir: str,
+    captions_parquet: str,
+    table: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Build `out/zeroshot` from the photos, train per `table` (a `[train]` table; None = the
     repo's pipelines/train-tiny.toml) with `overrides` (`steps=20`, ...), and return steps,
     first/last loss, zero-shot top-1/top-5, the classes and the checkpoint path."""
@@ -38,9 +44,15 @@ def train_and_zero_shot(manifest: str, out: str, images_dir: str, captions_parqu
         cfg = config_from_dict(raw, "[train]")
     summary = train(cfg, manifest, out)
     ev = summary.get("eval") or {}
-    return {"steps": summary["steps"], "first_loss": summary["first_loss"], "loss": summary["loss"],
-            "zeroshot_top1": ev.get("zeroshot_top1"), "zeroshot_top5": ev.get("zeroshot_top5"),
-            "zeroshot_classes": counts, "checkpoint": summary["checkpoint"]}
+    return {
+        "steps": summary["steps"],
+        "first_loss": summary["first_loss"],
+        "loss": summary["loss"],
+        "zeroshot_top1": ev.get("zeroshot_top1"),
+        "zeroshot_top5": ev.get("zeroshot_top5"),
+        "zeroshot_classes": counts,
+        "checkpoint": summary["checkpoint"],
+    }
 
 
 def _quote(path: str) -> str:

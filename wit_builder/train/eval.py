@@ -28,7 +28,8 @@ import io
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,14 +133,25 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return int((top == labels[:, None]).any(1).sum()) / len(labels)
 
 
-def zero_shot(model, transform: Callable, tokenizer: Callable, folder: str, names_file: str = "",
-              templates_file: str = "", batch_size: int = 64) -> dict[str, Any]:
+def zero_shot(
+    model,
+    transform: Callable,
+    tokenizer: Callable,
+    folder: str,
+    names_file: str = "",
+    templates_file: str = "",
+    batch_size: int = 64,
+) -> dict[str, Any]:
     paths, labels, classes = image_folder(folder)
     weights = zero_shot_weights(model, tokenizer, class_names(classes, names_file), load_templates(templates_file))
     logits = encode_images(model, transform, paths, batch_size) @ weights.T
     y = torch.tensor(labels)
-    return {"zeroshot_top1": topk_accuracy(logits, y, 1), "zeroshot_top5": topk_accuracy(logits, y, 5),
-            "zeroshot_classes": len(classes), "zeroshot_images": len(paths)}
+    return {
+        "zeroshot_top1": topk_accuracy(logits, y, 1),
+        "zeroshot_top5": topk_accuracy(logits, y, 5),
+        "zeroshot_classes": len(classes),
+        "zeroshot_images": len(paths),
+    }
 
 
 # ---------------------------------------------------------------------------- linear probe
@@ -148,8 +160,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_
     x = x.double()
     w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
-                            tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -171,24 +190,35 @@ def linear_probe_features(train_x, train_y, test_x, test_y, classes: int, l2_gri
     if len(l2_grid) > 1:
         idx = torch.arange(len(train_y))
         val, fit = idx % 5 == 0, idx % 5 != 0
-        scores = [_accuracy(*fit_logistic(train_x[fit], train_y[fit], classes, c), train_x[val], train_y[val])
-                  for c in l2_grid]
+        scores = [
+            _accuracy(*fit_logistic(train_x[fit], train_y[fit], classes, c), train_x[val], train_y[val])
+            for c in l2_grid
+        ]
         l2 = l2_grid[max(range(len(scores)), key=lambda i: scores[i])]
     w, b = fit_logistic(train_x, train_y, classes, l2)
-    return {"probe_top1": _accuracy(w, b, test_x, test_y), "probe_l2": l2,
-            "probe_train_images": len(train_y), "probe_test_images": len(test_y)}
+    return {
+        "probe_top1": _accuracy(w, b, test_x, test_y),
+        "probe_l2": l2,
+        "probe_train_images": len(train_y),
+        "probe_test_images": len(test_y),
+    }
 
 
-def linear_probe(model, transform: Callable, train_dir: str, test_dir: str, l2_grid: list[float],
-                 batch_size: int = 64) -> dict[str, Any]:
+def linear_probe(
+    model, transform: Callable, train_dir: str, test_dir: str, l2_grid: list[float], batch_size: int = 64
+) -> dict[str, Any]:
     train_paths, train_labels, classes = image_folder(train_dir)
     test_paths, test_labels, test_classes = image_folder(test_dir)
     if test_classes != classes:
         raise ConfigError(f"probe folders differ in classes: {classes} vs {test_classes}")
     return linear_probe_features(
-        encode_images(model, transform, train_paths, batch_size), torch.tensor(train_labels),
-        encode_images(model, transform, test_paths, batch_size), torch.tensor(test_labels),
-        len(classes), list(l2_grid))
+        encode_images(model, transform, train_paths, batch_size),
+        torch.tensor(train_labels),
+        encode_images(model, transform, test_paths, batch_size),
+        torch.tensor(test_labels),
+        len(classes),
+        list(l2_grid),
+    )
 
 
 # ---------------------------------------------------------------------------- retrieval
@@ -210,13 +240,17 @@ def retrieval_features(image_feats: torch.Tensor, text_feats: torch.Tensor, text
         image_texts[i].append(j)
     i2t = recall_at_k(sim, image_texts)
     t2i = recall_at_k(sim.T, [[i] for i in text_image])
-    return {**{f"image_to_text_{k}": v for k, v in i2t.items()},
-            **{f"text_to_image_{k}": v for k, v in t2i.items()},
-            "retrieval_images": image_feats.shape[0], "retrieval_texts": text_feats.shape[0]}
+    return {
+        **{f"image_to_text_{k}": v for k, v in i2t.items()},
+        **{f"text_to_image_{k}": v for k, v in t2i.items()},
+        "retrieval_images": image_feats.shape[0],
+        "retrieval_texts": text_feats.shape[0],
+    }
 
 
-def retrieval(model, transform: Callable, tokenizer: Callable, pairs: Iterable[tuple[str, dict[str, bytes]]],
-              batch_size: int = 64) -> dict[str, Any]:
+def retrieval(
+    model, transform: Callable, tokenizer: Callable, pairs: Iterable[tuple[str, dict[str, bytes]]], batch_size: int = 64
+) -> dict[str, Any]:
     """Retrieval on (key, {ext: bytes}) samples with an image and a .txt caption."""
     from wit_builder.train.data import IMAGE_EXTS
 
@@ -236,13 +270,21 @@ def retrieval(model, transform: Callable, tokenizer: Callable, pairs: Iterable[t
         text_image.append(image_of[digest])
     if not texts:
         raise ConfigError("retrieval: no held-out pairs (set data.holdout_fraction or eval.retrieval_manifest)")
-    return retrieval_features(encode_images(model, transform, images, batch_size),
-                              encode_texts(model, tokenizer, texts), text_image)
+    return retrieval_features(
+        encode_images(model, transform, images, batch_size), encode_texts(model, tokenizer, texts), text_image
+    )
 
 
 # ---------------------------------------------------------------------------- all of them
-def run_evals(model, transform: Callable, tokenizer: Callable, ecfg, device=None, retrieval_manifest=None,
-              holdout_fraction: float | None = None) -> dict[str, Any]:
+def run_evals(
+    model,
+    transform: Callable,
+    tokenizer: Callable,
+    ecfg,
+    device=None,
+    retrieval_manifest=None,
+    holdout_fraction: float | None = None,
+) -> dict[str, Any]:
     """Every evaluation `ecfg` (an EvalConfig) asks for; one flat dict of metrics."""
     from wit_builder.train.data import iter_samples
 
@@ -251,14 +293,23 @@ def run_evals(model, transform: Callable, tokenizer: Callable, ecfg, device=None
     result: dict[str, Any] = {}
     try:
         if ecfg.zeroshot_dir:
-            result.update(zero_shot(model, transform, tokenizer, ecfg.zeroshot_dir, ecfg.classnames,
-                                    ecfg.templates, ecfg.batch_size))
+            result.update(
+                zero_shot(
+                    model, transform, tokenizer, ecfg.zeroshot_dir, ecfg.classnames, ecfg.templates, ecfg.batch_size
+                )
+            )
         if ecfg.probe_train_dir and ecfg.probe_test_dir:
-            result.update(linear_probe(model, transform, ecfg.probe_train_dir, ecfg.probe_test_dir,
-                                       ecfg.probe_l2, ecfg.batch_size))
+            result.update(
+                linear_probe(
+                    model, transform, ecfg.probe_train_dir, ecfg.probe_test_dir, ecfg.probe_l2, ecfg.batch_size
+                )
+            )
         if retrieval_manifest is not None:
-            result.update(retrieval(model, transform, tokenizer,
-                                    iter_samples(retrieval_manifest, holdout_fraction), ecfg.batch_size))
+            result.update(
+                retrieval(
+                    model, transform, tokenizer, iter_samples(retrieval_manifest, holdout_fraction), ecfg.batch_size
+                )
+            )
     finally:
         model.train(was_training)
     return result
@@ -270,7 +321,7 @@ def load_model(pretrained: str, name: str = ""):
     `local-dir:`), or a weights file with an architecture `name`."""
     import open_clip
 
-    from wit_builder.train.loop import latest_checkpoint
+    from wit_builder.train.checkpoints import latest_checkpoint
 
     if os.path.isdir(pretrained) and latest_checkpoint(pretrained):  # a training output folder
         pretrained = latest_checkpoint(pretrained)
@@ -291,13 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     from wit_builder.train.data import load_manifest
 
     p = argparse.ArgumentParser(
-        prog="python -m wit_builder.train.eval", description=__doc__.split("\n\n")[0],
+        prog="python -m wit_builder.train.eval",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m wit_builder.train.eval --pretrained runs/demo/train "
-               "--zeroshot-dir runs/demo/train/zeroshot --out runs/demo/eval.jsonl",
+        "--zeroshot-dir runs/demo/train/zeroshot --out runs/demo/eval.jsonl",
     )
-    p.add_argument("--pretrained", required=True,
-                   help="training --out folder (latest checkpoint), checkpoint folder, or open_clip weights file")
+    p.add_argument(
+        "--pretrained",
+        required=True,
+        help="training --out folder (latest checkpoint), checkpoint folder, or open_clip weights file",
+    )
     p.add_argument("--model", default="", help="open_clip architecture name (with a weights file)")
     p.add_argument("--model-config", default="", help="JSON model config to register (custom architectures)")
     p.add_argument("--zeroshot-dir", default="")
@@ -316,9 +371,15 @@ def main(argv: list[str] | None = None) -> int:
 
             open_clip.add_model_config(args.model_config)
         model, transform, tokenizer = load_model(args.pretrained, args.model)
-        ecfg = EvalConfig(zeroshot_dir=args.zeroshot_dir, classnames=args.classnames, templates=args.templates,
-                          probe_train_dir=args.probe_train, probe_test_dir=args.probe_test,
-                          probe_l2=[float(v) for v in args.probe_l2.split(",")], batch_size=args.batch_size)
+        ecfg = EvalConfig(
+            zeroshot_dir=args.zeroshot_dir,
+            classnames=args.classnames,
+            templates=args.templates,
+            probe_train_dir=args.probe_train,
+            probe_test_dir=args.probe_test,
+            probe_l2=[float(v) for v in args.probe_l2.split(",")],
+            batch_size=args.batch_size,
+        )
         manifest = load_manifest(args.retrieval) if args.retrieval else None
         result = {"pretrained": args.pretrained, **run_evals(model, transform, tokenizer, ecfg, None, manifest, None)}
     except ConfigError as e:

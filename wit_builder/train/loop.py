@@ -31,6 +31,7 @@ import torch.distributed as dist
 from wit_builder.config import ConfigError
 from wit_builder.train import data as tdata
 from wit_builder.train import model as tmodel
+from wit_builder.train.checkpoints import checkpoint_dir, latest_checkpoint
 from wit_builder.train.config import TrainConfig
 from wit_builder.train.loss import clip_loss
 
@@ -85,7 +86,7 @@ class StopRequest:
         self.requested = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -150,8 +151,17 @@ def _features(model, images, texts, precision: str, device: torch.device):
     return out["image_features"], out["text_features"], out["logit_scale"]
 
 
-def train_step(model, images: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, valid_total: int,
-               accum: int, precision: str, device: torch.device, scaler=None) -> torch.Tensor:
+def train_step(
+    model,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    valid: torch.Tensor,
+    valid_total: int,
+    accum: int,
+    precision: str,
+    device: torch.device,
+    scaler=None,
+) -> torch.Tensor:
     """Forward + backward for one optimizer step (gradients accumulate in .grad); returns this
     rank's loss share. With `accum` > 1, the features of every micro-batch are first computed
     without gradients, then each micro-batch is recomputed with gradients and the loss taken over
@@ -173,8 +183,8 @@ def train_step(model, images: torch.Tensor, texts: torch.Tensor, valid: torch.Te
             img_j, txt_j, scale = _features(model, imgs[j], txts[j], precision, device)
             if not last:
                 scale = scale.detach()
-            img = torch.cat([c[0] for c in cached[:j]] + [img_j] + [c[0] for c in cached[j + 1:]])
-            txt = torch.cat([c[1] for c in cached[:j]] + [txt_j] + [c[1] for c in cached[j + 1:]])
+            img = torch.cat([c[0] for c in cached[:j]] + [img_j] + [c[0] for c in cached[j + 1 :]])
+            txt = torch.cat([c[1] for c in cached[:j]] + [txt_j] + [c[1] for c in cached[j + 1 :]])
             loss = clip_loss(img, txt, scale, valid, valid_total)
             (scaler.scale(loss) if scaler else loss).backward()
     return loss.detach()
@@ -189,33 +199,36 @@ class TrainState:
     samples_seen: int = 0
 
 
-def checkpoint_dir(out: str) -> str:
-    return os.path.join(out, "checkpoints")
-
-
-def latest_checkpoint(out: str) -> str | None:
-    """The newest complete checkpoint folder under `out`, or None."""
-    pointer = os.path.join(checkpoint_dir(out), "latest.json")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(checkpoint_dir(out), json.load(f)["path"])
-
-
-def save_checkpoint(out: str, raw_model, built: tmodel.Built, name: str, optimizer, scaler,
-                    state: TrainState, cfg: TrainConfig, layout: dict[str, int], total_steps: int,
-                    keep: int) -> str:
+def save_checkpoint(
+    out: str,
+    raw_model,
+    built: tmodel.Built,
+    name: str,
+    optimizer,
+    scaler,
+    state: TrainState,
+    cfg: TrainConfig,
+    layout: dict[str, int],
+    total_steps: int,
+    keep: int,
+) -> str:
     """Write step_{N}/ atomically (temp dir + rename), point latest.json at it, prune old ones."""
     root = checkpoint_dir(out)
     final = os.path.join(root, f"step_{state.step:08d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmodel.save_for_open_clip(raw_model, built.model_cfg, name, tmp)
-    torch.save({
-        "state": asdict(state), "layout": layout, "total_steps": total_steps,
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-        "config": _jsonable(cfg),
-    }, os.path.join(tmp, "train_state.pt"))
+    torch.save(
+        {
+            "state": asdict(state),
+            "layout": layout,
+            "total_steps": total_steps,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "config": _jsonable(cfg),
+        },
+        os.path.join(tmp, "train_state.pt"),
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = os.path.join(root, "latest.json")
@@ -240,8 +253,9 @@ def load_checkpoint(path: str, raw_model, optimizer, scaler, layout: dict[str, i
         raw_model.load_state_dict(weights)
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"checkpoint {path} does not fit this model/optimizer ({str(e)[:300]}); "
-                          "use a new --out or --no-resume") from None
+        raise ConfigError(
+            f"checkpoint {path} does not fit this model/optimizer ({str(e)[:300]}); use a new --out or --no-resume"
+        ) from None
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     state = TrainState(**saved["state"])
@@ -250,12 +264,15 @@ def load_checkpoint(path: str, raw_model, optimizer, scaler, layout: dict[str, i
         raise ConfigError(
             f"checkpoint {path} stopped mid-epoch with {saved['layout']['world']} rank(s) x "
             f"{saved['layout']['workers']} worker(s); resume with the same layout (now "
-            f"{layout['world']} x {layout['workers']}) or start a new --out")
+            f"{layout['world']} x {layout['workers']}) or start a new --out"
+        )
     return state, int(saved["total_steps"])
 
 
 # ---------------------------------------------------------------------------- the loop
-def _pad(batch: tdata.LocalBatch | None, rows: int, image_size: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(
+    batch: tdata.LocalBatch | None, rows: int, image_size: int, context: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = batch.rows if batch else 0
     image = torch.zeros(rows, 3, image_size, image_size)
     text = torch.zeros(rows, context, dtype=torch.long)
@@ -274,13 +291,112 @@ def _gather_positions(positions: list[int], env: DistEnv) -> list[list[int]]:
     return everyone
 
 
-def train(cfg: TrainConfig, manifest_path: str, out: str, pretrained: str = "", resume: bool = True,
-          keys_log: str | None = None) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """What `_setup` builds once: the process, the data, the model and its optimizer, the schedule."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    out: str
+    precision: str  # resolved: "fp32", "bf16" or "fp16"
+    per_rank: int  # rows of each rank's batch
+    manifest: tdata.Manifest
+    built: tmodel.Built
+    raw_model: torch.nn.Module
+    model: torch.nn.Module  # raw_model, wrapped in DDP when world > 1
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # GradScaler for fp16, else None
+    layout: dict[str, int]  # {"world", "workers"}: what a mid-epoch resume must match
+    total_steps: int  # the LR schedule's length
+    max_steps: int  # the run's bound (with steps = 0, epochs bound it)
+    max_epochs: int
+
+    @property
+    def workers(self) -> int:
+        return self.layout["workers"]
+
+
+def train(
+    cfg: TrainConfig,
+    manifest_path: str,
+    out: str,
+    pretrained: str = "",
+    resume: bool = True,
+    keys_log: str | None = None,
+) -> dict[str, Any]:
     """Train per `cfg` on the shards of `manifest_path`, writing logs and checkpoints to `out`.
 
     Returns a summary (rank 0 holds the complete one): steps, first/last loss, checkpoint path,
     final eval. `keys_log` (tests): a file per rank where every trained sample key is appended.
     """
+    run, state, resumed = _setup(cfg, manifest_path, out, pretrained, resume)
+    env = run.env
+    log_file = open(os.path.join(out, "train_log.jsonl"), "a") if env.main else None
+    keys_file = open(keys_log, "a") if keys_log else None
+    summary: dict[str, Any] = {"first_loss": None, "loss": None}
+    window = _Window()
+    last_saved = state.step if resumed else -1
+    last_eval: tuple[int, dict[str, Any] | None] = (-1, None)  # (step, result) of the latest eval
+    stopped = False
+    with StopRequest() as stop:
+        while state.step < run.max_steps and state.epoch < run.max_epochs and not stopped:
+            start = state.positions[env.rank] if state.positions else [0] * run.workers
+            batches = _epoch_batches(run, state, start)
+            positions = state.positions[env.rank]  # advanced in place: the checkpoint's data position
+            epoch_done, steps_this_epoch = False, 0
+            while state.step < run.max_steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                t_data = time.perf_counter() - t0
+                real, short, stopped = _agree(run, batch, stop.requested)
+                if stopped:
+                    break
+                if real == 0 or (cfg.data.last_batch == "drop" and short):
+                    epoch_done = True
+                    break
+                lr = lr_at(state.step, run.total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
+                loss = _optimizer_step(run, batch, real, lr)
+                state.step += 1
+                steps_this_epoch += 1
+                state.samples_seen += real
+                if batch is not None:
+                    positions[:] = batch.positions
+                    _log_keys(keys_file, state, batch)
+                if summary["first_loss"] is None:
+                    summary["first_loss"] = loss
+                summary["loss"] = loss
+                window.add(time.perf_counter() - t0, t_data, real)
+                if env.main and (state.step % cfg.log_every == 0 or state.step == run.max_steps):
+                    _log_step(log_file, run, state, loss, lr, window)
+                    window = _Window()
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    _save(run, state)
+                    last_saved = state.step
+                if cfg.eval.every and state.step % cfg.eval.every == 0:
+                    last_eval = (state.step, _evaluate(run, state.step))
+                    run.model.train()
+            del batches
+            if epoch_done:
+                if steps_this_epoch == 0 and not any(start):
+                    raise _no_batch_error(run, state.epoch)
+                state.epoch += 1
+                state.positions = []
+        summary["checkpoint"] = _save(run, state) if last_saved != state.step else latest_checkpoint(out)
+    if keys_file:
+        keys_file.close()
+    summary.update(steps=state.step, epoch=state.epoch, samples_seen=state.samples_seen, stopped=stopped)
+    if not stopped:
+        summary["eval"] = last_eval[1] if last_eval[0] == state.step else _evaluate(run, state.step)
+    if log_file:
+        log_file.close()
+    return summary
+
+
+def _setup(
+    cfg: TrainConfig, manifest_path: str, out: str, pretrained: str, resume: bool
+) -> tuple[_Run, TrainState, bool]:
+    """Join the process group, check the batch layout, build model + optimizer, restore the latest
+    checkpoint under `out` (when `resume`); returns (run, state, resumed)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = init_distributed(cfg.device)
@@ -289,18 +405,17 @@ def train(cfg: TrainConfig, manifest_path: str, out: str, pretrained: str = "", 
         precision = "bf16" if env.device.type == "cuda" else "fp32"
     if precision == "fp16" and env.device.type != "cuda":
         raise ConfigError("precision = 'fp16' needs CUDA (use 'bf16' or 'fp32' on CPU)")
-    per_rank = cfg.batch_size // env.world
     if cfg.batch_size % (env.world * cfg.accum_steps):
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by world size {env.world} x "
-                          f"accum_steps {cfg.accum_steps}")
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by world size {env.world} x accum_steps {cfg.accum_steps}"
+        )
     manifest = tdata.load_manifest(manifest_path, cfg.data.verify_sha256)
     torch.manual_seed(cfg.seed)
     built = tmodel.build(cfg.model, str(env.device), pretrained)
     raw_model = built.model
     optimizer = make_optimizer(raw_model, cfg)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    workers = max(cfg.data.workers, 1)
-    layout = {"world": env.world, "workers": workers}
+    layout = {"world": env.world, "workers": max(cfg.data.workers, 1)}
     train_fraction = 1.0 - cfg.data.holdout_fraction
     steps_per_epoch = math.ceil(manifest.total_samples * train_fraction / cfg.batch_size)
     total_steps = cfg.steps or max(cfg.epochs * steps_per_epoch, 1)
@@ -314,139 +429,175 @@ def train(cfg: TrainConfig, manifest_path: str, out: str, pretrained: str = "", 
     model = raw_model
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+            raw_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
+        )
     model.train()
+    run = _Run(
+        cfg=cfg,
+        env=env,
+        out=out,
+        precision=precision,
+        per_rank=cfg.batch_size // env.world,
+        manifest=manifest,
+        built=built,
+        raw_model=raw_model,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        layout=layout,
+        total_steps=total_steps,
+        max_steps=cfg.steps or 1 << 62,
+        max_epochs=cfg.epochs if not cfg.steps else 1 << 30,
+    )
+    return run, state, bool(ckpt)
 
-    log_file = open(os.path.join(out, "train_log.jsonl"), "a") if env.main else None
-    keys_file = open(keys_log, "a") if keys_log else None
-    summary: dict[str, Any] = {"first_loss": None, "loss": None}
-    window = {"t": 0.0, "wait": 0.0, "samples": 0}
-    last_saved = state.step if ckpt else -1
-    last_eval: tuple[int, dict[str, Any] | None] = (-1, None)  # (step, result) of the latest eval
-    stopped = False
 
-    def save() -> str | None:
-        nonlocal last_saved
-        mine = state.positions[env.rank] if state.positions else [0] * workers
-        snapshot = TrainState(state.step, state.epoch, _gather_positions(mine, env), state.samples_seen)
-        path = None
-        if env.main:
-            path = save_checkpoint(out, raw_model, built, cfg.model.name, optimizer, scaler, snapshot, cfg,
-                                   layout, total_steps, cfg.keep_checkpoints)
-        if env.world > 1:
-            dist.barrier()
-        last_saved = state.step
-        return path
+def _epoch_batches(run: _Run, state: TrainState, start: list[int]):
+    """This rank's batches of epoch `state.epoch`, from per-worker position `start`; resets
+    `state.positions` to this epoch (this rank's row starting at `start`)."""
+    cfg, env = run.cfg, run.env
+    spec = tdata.EpochSpec(
+        [s.url for s in run.manifest.shards],
+        env.rank,
+        env.world,
+        run.workers,
+        state.epoch,
+        cfg.seed,
+        cfg.data.shuffle_buffer,
+        cfg.data.holdout_fraction,
+        cfg.data.chunk or run.per_rank,
+        list(start),
+    )
+    batches = tdata.epoch_batches(
+        spec,
+        run.built.train_transform,
+        run.built.tokenizer,
+        run.per_rank,
+        cfg.data.workers,
+        pin_memory=env.device.type == "cuda",
+    )
+    state.positions = [[0] * run.workers for _ in range(env.world)]
+    state.positions[env.rank] = list(start)
+    return batches
 
-    max_epochs = cfg.epochs if not cfg.steps else 1 << 30
-    max_steps = cfg.steps or 1 << 62  # with steps = 0, epochs bound the run; total_steps is the schedule's
-    with StopRequest() as stop:
-        while state.step < max_steps and state.epoch < max_epochs and not stopped:
-            start = state.positions[env.rank] if state.positions else [0] * workers
-            spec = tdata.EpochSpec([s.url for s in manifest.shards], env.rank, env.world, workers,
-                                   state.epoch, cfg.seed, cfg.data.shuffle_buffer, cfg.data.holdout_fraction,
-                                   cfg.data.chunk or per_rank, list(start))
-            batches = tdata.epoch_batches(spec, built.train_transform, built.tokenizer, per_rank,
-                                          cfg.data.workers, pin_memory=env.device.type == "cuda")
-            positions = list(start)
-            state.positions = [[0] * workers for _ in range(env.world)]
-            state.positions[env.rank] = positions
-            epoch_done, steps_this_epoch = False, 0
-            while state.step < max_steps:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                t_data = time.perf_counter() - t0
-                rows = batch.rows if batch else 0
-                real, short, stop_votes = _all_reduce(
-                    [rows, float(rows < per_rank), float(stop.requested)], env)
-                if stop_votes:
-                    stopped = True
-                    break
-                if real == 0 or (cfg.data.last_batch == "drop" and short):
-                    epoch_done = True
-                    break
-                image, text, valid = _pad(batch, per_rank, built.image_size, built.context_length)
-                image = image.to(env.device, non_blocking=True)
-                text = text.to(env.device, non_blocking=True)
-                valid = valid.to(env.device)
-                lr = lr_at(state.step, total_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss_share = train_step(model, image, text, valid, int(real), cfg.accum_steps, precision,
-                                        env.device, scaler)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                with torch.no_grad():
-                    raw_model.logit_scale.clamp_(0, MAX_LOG_SCALE)
-                state.step += 1
-                steps_this_epoch += 1
-                state.samples_seen += int(real)
-                if batch is not None:
-                    positions[:] = batch.positions
-                    if keys_file:
-                        keys_file.write("".join(f"{state.epoch}\t{state.step}\t{k}\n" for k in batch.keys))
-                        keys_file.flush()
-                loss = _all_reduce([float(loss_share)], env)[0] / env.world
-                if summary["first_loss"] is None:
-                    summary["first_loss"] = loss
-                summary["loss"] = loss
-                t_step = time.perf_counter() - t0
-                window["t"] += t_step
-                window["wait"] += t_data
-                window["samples"] += int(real)
-                if env.main and (state.step % cfg.log_every == 0 or state.step == max_steps):
-                    record = {
-                        "step": state.step, "epoch": state.epoch, "loss": round(loss, 6),
-                        "logit_scale": round(float(raw_model.logit_scale.detach().exp()), 4), "lr": lr,
-                        "samples_per_s": round(window["samples"] / window["t"], 2),
-                        "samples_per_s_per_device": round(window["samples"] / window["t"] / env.world, 2),
-                        "data_wait": round(window["wait"] / window["t"], 4),
-                    }
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    log.info("step %(step)d epoch %(epoch)d loss %(loss).4f scale %(logit_scale).2f lr %(lr).2e "
-                             "%(samples_per_s).1f samples/s (%(samples_per_s_per_device).1f/device) "
-                             "data wait %(data_wait_pct).1f%%", {**record, "data_wait_pct": 100 * record["data_wait"]})
-                    window = {"t": 0.0, "wait": 0.0, "samples": 0}
-                if cfg.save_every and state.step % cfg.save_every == 0:
-                    save()
-                if cfg.eval.every and state.step % cfg.eval.every == 0:
-                    last_eval = (state.step, _evaluate(cfg, raw_model, built, manifest, env, out, state.step))
-                    model.train()
-            del batches
-            if epoch_done:
-                if steps_this_epoch == 0 and not any(start):
-                    raise tdata.DataError(
-                        f"no training batch in epoch {state.epoch}: {manifest.total_samples} samples in "
-                        f"{manifest.path} (holdout {cfg.data.holdout_fraction}) for a global batch of "
-                        f"{cfg.batch_size} with last_batch = {cfg.data.last_batch!r}")
-                state.epoch += 1
-                state.positions = []
-        summary["checkpoint"] = save() if last_saved != state.step else latest_checkpoint(out)
+
+def _agree(run: _Run, batch: tdata.LocalBatch | None, stop_requested: bool) -> tuple[int, bool, bool]:
+    """One all_reduce over the ranks: (rows of the global batch, whether some rank's batch is short,
+    whether some rank was asked to stop)."""
+    rows = batch.rows if batch else 0
+    real, short, stop_votes = _all_reduce([rows, float(rows < run.per_rank), float(stop_requested)], run.env)
+    return int(real), bool(short), bool(stop_votes)
+
+
+def _no_batch_error(run: _Run, epoch: int) -> tdata.DataError:
+    cfg = run.cfg
+    return tdata.DataError(
+        f"no training batch in epoch {epoch}: {run.manifest.total_samples} samples in "
+        f"{run.manifest.path} (holdout {cfg.data.holdout_fraction}) for a global batch of "
+        f"{cfg.batch_size} with last_batch = {cfg.data.last_batch!r}"
+    )
+
+
+def _optimizer_step(run: _Run, batch: tdata.LocalBatch | None, real: int, lr: float) -> float:
+    """One optimizer step on this rank's (padded) batch of a global batch with `real` rows: forward/
+    backward, clip, AdamW at `lr`, clamp the logit scale; returns the loss averaged over ranks."""
+    cfg, env, raw_model, optimizer, scaler = run.cfg, run.env, run.raw_model, run.optimizer, run.scaler
+    image, text, valid = _pad(batch, run.per_rank, run.built.image_size, run.built.context_length)
+    image = image.to(env.device, non_blocking=True)
+    text = text.to(env.device, non_blocking=True)
+    valid = valid.to(env.device)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_share = train_step(run.model, image, text, valid, real, cfg.accum_steps, run.precision, env.device, scaler)
+    if scaler:
+        scaler.unscale_(optimizer)
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    with torch.no_grad():
+        raw_model.logit_scale.clamp_(0, MAX_LOG_SCALE)
+    return _all_reduce([float(loss_share)], env)[0] / env.world
+
+
+@dataclass
+class _Window:
+    """Time, data wait and samples since the last log line."""
+
+    t: float = 0.0
+    wait: float = 0.0
+    samples: int = 0
+
+    def add(self, t_step: float, t_data: float, samples: int) -> None:
+        self.t += t_step
+        self.wait += t_data
+        self.samples += samples
+
+
+def _log_step(log_file, run: _Run, state: TrainState, loss: float, lr: float, window: _Window) -> None:
+    """Append one record to train_log.jsonl and log it (rank 0)."""
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": round(loss, 6),
+        "logit_scale": round(float(run.raw_model.logit_scale.detach().exp()), 4),
+        "lr": lr,
+        "samples_per_s": round(window.samples / window.t, 2),
+        "samples_per_s_per_device": round(window.samples / window.t / run.env.world, 2),
+        "data_wait": round(window.wait / window.t, 4),
+    }
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    log.info(
+        "step %(step)d epoch %(epoch)d loss %(loss).4f scale %(logit_scale).2f lr %(lr).2e "
+        "%(samples_per_s).1f samples/s (%(samples_per_s_per_device).1f/device) "
+        "data wait %(data_wait_pct).1f%%",
+        {**record, "data_wait_pct": 100 * record["data_wait"]},
+    )
+
+
+def _log_keys(keys_file, state: TrainState, batch: tdata.LocalBatch) -> None:
+    """Tests: append (epoch, step, key) of every sample this rank just trained on."""
     if keys_file:
-        keys_file.close()
-    summary.update(steps=state.step, epoch=state.epoch, samples_seen=state.samples_seen, stopped=stopped)
-    if not stopped:
-        summary["eval"] = (last_eval[1] if last_eval[0] == state.step
-                           else _evaluate(cfg, raw_model, built, manifest, env, out, state.step))
-    if log_file:
-        log_file.close()
-    return summary
+        keys_file.write("".join(f"{state.epoch}\t{state.step}\t{k}\n" for k in batch.keys))
+        keys_file.flush()
 
 
-def _evaluate(cfg: TrainConfig, raw_model, built: tmodel.Built, manifest, env: DistEnv, out: str,
-              step: int) -> dict[str, Any] | None:
+def _save(run: _Run, state: TrainState) -> str | None:
+    """Checkpoint `state` with every rank's data position (all ranks call it; rank 0 writes and
+    returns the path, the others None)."""
+    env = run.env
+    mine = state.positions[env.rank] if state.positions else [0] * run.workers
+    snapshot = TrainState(state.step, state.epoch, _gather_positions(mine, env), state.samples_seen)
+    path = None
+    if env.main:
+        path = save_checkpoint(
+            run.out,
+            run.raw_model,
+            run.built,
+            run.cfg.model.name,
+            run.optimizer,
+            run.scaler,
+            snapshot,
+            run.cfg,
+            run.layout,
+            run.total_steps,
+            run.cfg.keep_checkpoints,
+        )
+    if env.world > 1:
+        dist.barrier()
+    return path
+
+
+def _evaluate(run: _Run, step: int) -> dict[str, Any] | None:
     """Run the configured evals on rank 0 (the others wait); append one JSON line to eval.jsonl."""
     from wit_builder.train import eval as teval
 
+    cfg, env = run.cfg, run.env
     result = None
     if env.main:
         retrieval_manifest = None
@@ -454,12 +605,19 @@ def _evaluate(cfg: TrainConfig, raw_model, built: tmodel.Built, manifest, env: D
         if cfg.eval.retrieval_manifest:
             retrieval_manifest = tdata.load_manifest(cfg.eval.retrieval_manifest)
         elif cfg.data.holdout_fraction > 0:
-            retrieval_manifest, fraction = manifest, cfg.data.holdout_fraction
-        result = teval.run_evals(raw_model, built.eval_transform, built.tokenizer, cfg.eval, env.device,
-                                 retrieval_manifest, fraction)
+            retrieval_manifest, fraction = run.manifest, cfg.data.holdout_fraction
+        result = teval.run_evals(
+            run.raw_model,
+            run.built.eval_transform,
+            run.built.tokenizer,
+            cfg.eval,
+            env.device,
+            retrieval_manifest,
+            fraction,
+        )
         if result:
             result = {"step": step, **result}
-            with open(os.path.join(out, "eval.jsonl"), "a") as f:
+            with open(os.path.join(run.out, "eval.jsonl"), "a") as f:
                 f.write(json.dumps(result) + "\n")
             log.info("eval at step %d: %s", step, json.dumps(result))
     if env.world > 1:

@@ -60,8 +60,9 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 0)
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor,
-              valid_total: int) -> torch.Tensor:
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor, valid_total: int
+) -> torch.Tensor:
     """This rank's share of the global symmetric InfoNCE loss.
 
     image, text: (n, d) normalised features of this rank's rows; logit_scale: exp'd scale;

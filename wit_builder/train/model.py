@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from wit_builder.config import ConfigError
 
@@ -80,7 +81,8 @@ def build(mcfg, device: str = "cpu", pretrained: str = "") -> Built:
     weights = resolve_weights(weights) if weights else None
     try:
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            mcfg.name, pretrained=weights, device=device, output_dict=True)
+            mcfg.name, pretrained=weights, device=device, output_dict=True
+        )
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"cannot build model {mcfg.name!r}: {e}") from None
     if getattr(mcfg, "grad_checkpointing", False):
@@ -97,8 +99,10 @@ def save_for_open_clip(model, model_cfg: dict[str, Any], name: str, folder: str)
     import torch
 
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
     torch.save(state, os.path.join(folder, WEIGHTS_FILE))
     preprocess = open_clip.get_model_preprocess_cfg(model)
     with open(os.path.join(folder, "open_clip_config.json"), "w") as f:

@@ -1,5 +1,7 @@
 """Synthetic shards in the pipeline's format (manifest.json + webdataset tars) for tests and
 benchmarks: coloured shapes captioned with their colour and shape, so a tiny CLIP can learn them.
+Tars are written with wit_builder.tario, like the shards stage's. Not part of the package:
+tests import it from tests/ (on sys.path under pytest), benchmarks put tests/ on sys.path.
 
 Example:
     >>> import tempfile, json
@@ -15,11 +17,20 @@ import hashlib
 import io
 import json
 import os
-import tarfile
-from typing import Iterable
+from collections.abc import Iterable
 
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30),
-          "purple": (140, 40, 170), "orange": (240, 130, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
+from wit_builder import tario
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 210, 30),
+    "purple": (140, 40, 170),
+    "orange": (240, 130, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
 SHAPES = ("square", "circle", "triangle", "stripe")
 
 
@@ -54,13 +65,6 @@ def jpeg_bytes(im, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tf.addfile(info, io.BytesIO(data))
-
-
 def write_tars(folder: str, samples: Iterable[tuple[str, bytes, str]], tars: int) -> str:
     """Write (key, jpeg bytes, caption) samples round-robin into `tars` tars (key order within
     each) plus manifest.json; returns the manifest path."""
@@ -72,17 +76,20 @@ def write_tars(folder: str, samples: Iterable[tuple[str, bytes, str]], tars: int
     for t, bucket in enumerate(buckets):
         name = f"{t:06d}.tar"
         path = os.path.join(folder, name)
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        with tario.TarWriter(path) as tar:
             for key, jpg, caption in sorted(bucket):
-                _add(tf, f"{key}.jpg", jpg)
-                _add(tf, f"{key}.txt", caption.encode())
-                _add(tf, f"{key}.json", json.dumps({"uid": key, "caption": caption}).encode())
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        entries.append({"path": name, "samples": len(bucket), "bytes": os.path.getsize(path), "sha256": digest})
-    manifest = {"tool_version": "synthetic", "seed": 0, "config_hash": "synthetic",
-                "total_samples": sum(e["samples"] for e in entries),
-                "total_bytes": sum(e["bytes"] for e in entries), "tars": entries}
+                tar.add(f"{key}.jpg", jpg)
+                tar.add(f"{key}.txt", caption.encode())
+                tar.add(f"{key}.json", json.dumps({"uid": key, "caption": caption}).encode())
+        entries.append({"path": name, "samples": len(bucket), "bytes": tar.bytes, "sha256": tar.sha256})
+    manifest = {
+        "tool_version": "synthetic",
+        "seed": 0,
+        "config_hash": "synthetic",
+        "total_samples": sum(e["samples"] for e in entries),
+        "total_bytes": sum(e["bytes"] for e in entries),
+        "tars": entries,
+    }
     path = os.path.join(folder, "manifest.json")
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -102,8 +109,9 @@ def write_shards(folder: str, samples: int = 256, tars: int = 2, image_size: int
     return write_tars(folder, shape_samples(samples, image_size, salt), tars)
 
 
-def write_image_folder(root: str, per_class: int = 4, image_size: int = 32,
-                       classes: Iterable[str] = ("red", "green", "blue", "yellow")) -> str:
+def write_image_folder(
+    root: str, per_class: int = 4, image_size: int = 32, classes: Iterable[str] = ("red", "green", "blue", "yellow")
+) -> str:
     """A folder per colour class of shape images (for zero-shot / linear-probe tests)."""
     for c in classes:
         os.makedirs(os.path.join(root, c), exist_ok=True)
@@ -112,8 +120,9 @@ def write_image_folder(root: str, per_class: int = 4, image_size: int = 32,
     return root
 
 
-def write_captioned_photo_shards(images_dir: str, captions_parquet: str, folder: str, size: int = 40,
-                                 tars: int = 2) -> str:
+def write_captioned_photo_shards(
+    images_dir: str, captions_parquet: str, folder: str, size: int = 40, tars: int = 2
+) -> str:
     """Shards of real photos (shrunk to fit `size` px) with their captions, one sample per caption
     (a parquet with columns `file`, `caption`, like demo/captions.parquet); returns the manifest."""
     import pyarrow.parquet as pq
