@@ -140,6 +140,7 @@ def write_inputs(tmp: str, base: str, names: list[str]) -> tuple[str, str]:
             "query_ids": [[0]] * len(urls),
             "query_id": [0] * len(urls),
             "rank": [0.0] * len(urls),
+            "query_text": ["q"] * len(urls),
         }
     )
     sel_dir = os.path.join(tmp, "selected")

@@ -230,7 +230,7 @@ def bench_stage(queries, captions, n_rows, workers, single_rate_word):
     def timed(n_actors: int, subset) -> float:
         t = time.perf_counter()
         refs = [actors[i % n_actors].call.remote(task) for i, task in enumerate(subset)]
-        rows = sum(r[0] for r in ray.get(refs))
+        rows = sum(r["rows_in"] for r in ray.get(refs))
         return rows / (time.perf_counter() - t)
 
     one = timed(1, tasks[: max(2, len(tasks) // 4)])  # the same code path on a single worker

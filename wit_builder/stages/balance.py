@@ -118,7 +118,7 @@ def add_sparse(paths: list[str], size: int) -> np.ndarray:
         fs, inner = io.filesystem(path)
         with fs.open(inner, "rb") as f:
             data = np.load(_io.BytesIO(f.read()))
-            np.add.at(total, data["index"], data["value"])
+            total[data["index"]] += data["value"]  # indices are unique within a part
     return total
 
 
@@ -217,13 +217,13 @@ def select_part(task: tuple[dict, str, str, str, int, str]) -> dict[str, int]:
                 rank = balancing.to_unit(h)
             if not keep.any():
                 continue
-            attributed_counts[:] += np.bincount(a[keep], minlength=len(counts))
-            qid = pa.array(a.astype(np.int32))
-            table = pa.Table.from_batches([batch])
-            table = table.append_column("query_id", qid)
-            table = table.append_column("rank", pa.array(rank.astype(np.float64)))
-            table = table.append_column("query_text", texts.take(pa.array(np.maximum(a, 0))))
-            yield from table.filter(pa.array(keep)).to_batches()
+            kept_q = a[keep]
+            attributed_counts[:] += np.bincount(kept_q, minlength=len(counts))
+            table = pa.Table.from_batches([batch]).filter(pa.array(keep))
+            table = table.append_column("query_id", pa.array(kept_q.astype(np.int32)))
+            table = table.append_column("rank", pa.array(rank[keep].astype(np.float64)))
+            table = table.append_column("query_text", texts.take(pa.array(kept_q)))
+            yield from table.to_batches()
 
     out_schema = _output_schema(_parquet_schema(src))
     # extra url-list columns may hold nulls: write every column as nullable
