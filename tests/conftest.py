@@ -1,4 +1,5 @@
-"""Shared fixtures: one embedded Ray per test session, one local static file server.
+"""Shared fixtures: one embedded Ray per test session, one local static file server, one
+local S3 server (moto).
 
 Tests never touch the network beyond loopback.
 """
@@ -50,3 +51,51 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 server (moto's, in a thread of this process) on 127.0.0.1 at a free port; yields
+    its endpoint URL. While it runs, this process's environment holds test credentials and
+    AWS_ENDPOINT_URL (and no AWS profile or config file), so s3fs here, `wit-build`
+    subprocesses and the Ray workers they start reach it; a Ray started before this fixture
+    does not (its workers' environment was fixed then). Afterwards the environment is restored
+    and the server stopped by its handle. Skipped without s3fs and moto[server] (`.[dev]`)."""
+    import logging
+
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import fsspec
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # never probe an instance-metadata service
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    unset = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
+    saved = {k: os.environ.get(k) for k in (*env, *unset)}
+    os.environ.update(env)
+    for k in unset:
+        os.environ.pop(k, None)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # none made before with other settings
+    try:
+        yield endpoint
+    finally:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()  # none left pointing at a stopped server
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+        if server._server is not None:
+            server._server.server_close()  # stop() leaves the listening socket open

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +195,63 @@ def test_checkpoint_loads_in_open_clip_with_identical_embeddings(tmp_path):
         with torch.no_grad():
             assert torch.equal(m.encode_image(images), want[0])
             assert torch.equal(m.encode_text(texts), want[1])
+
+
+def _readme_python(section: str) -> str:
+    """The ```python block of README.md's section whose heading starts with `section`."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    body = text[text.index(section) :]
+    body = body[: body.find("\n## ", 1)]
+    start = body.index("```python\n") + len("```python\n")
+    return body[start : body.index("```", start)]
+
+
+@pytest.mark.timeout(240)
+def test_readme_open_clip_loading_code_works_as_written(tmp_path):
+    """The README's open_clip snippet, verbatim, in a fresh interpreter (nothing registered with
+    open_clip beforehand) on a checkpoint wit-train wrote of the tiny model (name wit-tiny), at the
+    path the snippet names: every model and tokenizer it makes embeds like the trained model."""
+    from wit_builder.train import model as tmodel
+
+    shards = write_shards(str(tmp_path / "shards"), samples=16, tars=1, image_size=32)
+    cfg = _cfg("steps=2", "batch_size=8", "data.workers=0")
+    train(cfg, shards, str(tmp_path / "run"))
+    code = _readme_python("## Training CLIP on the shards")
+    where = re.search(r'ckpt = "([^"]+)"', code).group(1)
+    shutil.copytree(latest_checkpoint(str(tmp_path / "run")), tmp_path / where)
+    built = tmodel.build(cfg.model)
+    built.model.load_state_dict(torch.load(tmp_path / where / tmodel.WEIGHTS_FILE, weights_only=True))
+    built.model.eval()
+    images = torch.randn(3, 3, 32, 32)
+    captions = ["a dog", "a red square", "two cats"]
+    with torch.no_grad():
+        want = built.model.encode_image(images), built.model.encode_text(built.tokenizer(captions))
+    torch.save({"images": images, "captions": captions, "want": want}, tmp_path / "want.pt")
+    check = (
+        "import open_clip, torch\n"
+        "made = {'models': [], 'tokenizers': []}\n"
+        "_cm, _gt = open_clip.create_model_and_transforms, open_clip.get_tokenizer\n"
+        "def _record_model(*a, **k):\n"
+        "    r = _cm(*a, **k); made['models'].append(r[0]); return r\n"
+        "def _record_tokenizer(*a, **k):\n"
+        "    r = _gt(*a, **k); made['tokenizers'].append(r); return r\n"
+        "open_clip.create_model_and_transforms, open_clip.get_tokenizer = _record_model, _record_tokenizer\n"
+        f"exec(compile({code!r}, 'README.md', 'exec'))\n"
+        "w = torch.load('want.pt')\n"
+        "assert len(made['models']) == 2 and len(made['tokenizers']) == 2, made\n"
+        "for m, tok in zip(made['models'], made['tokenizers']):\n"
+        "    m.eval()\n"
+        "    with torch.no_grad():\n"
+        "        assert torch.equal(m.encode_image(w['images']), w['want'][0])\n"
+        "        assert torch.equal(m.encode_text(tok(w['captions'])), w['want'][1])\n"
+        "print('ok', len(made['models']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0 and "ok 2" in done.stdout, done.stderr[-3000:]

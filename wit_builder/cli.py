@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from wit_builder.stages import STAGE_ORDER
@@ -266,11 +268,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, pipeline_path=args.pipeline, train=not args.no_train, overrides=args.overrides)
 
 
+class _Terminated:
+    """SIGTERM (what `timeout`, Slurm and Kubernetes send) handled as Ctrl-C: the handler raises
+    KeyboardInterrupt in the main thread, so the same clean-up runs (in-flight Ray tasks
+    cancelled, the run dir's lease released) and `main` exits 143 instead of 130. A second
+    SIGTERM during that clean-up is ignored (the sender's SIGKILL follows anyway)."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.received:
+            self.received = True
+            raise KeyboardInterrupt
+
+
+def _install_sigterm(terminated: _Terminated):
+    """Install the handler (main thread only; the runner keeps it across `ray.init`); returns
+    the previous one, or None when nothing was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, terminated)
+
+
+def _stop_ray() -> None:
+    """Shut an embedded Ray down now (its workers and daemons), not at interpreter exit."""
+    if "ray" not in sys.modules:  # never started: nothing to stop (and no import of ray)
+        return
+    try:
+        from wit_builder import parallel
+
+        parallel.shutdown()
+    except Exception:  # already half down; exiting is what matters here
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wit_builder.config import ConfigError
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    terminated = _Terminated()
+    previous = _install_sigterm(terminated)
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
@@ -279,8 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wit-build: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nwit-build: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        by_sigterm = terminated.received
+        terminated.received = True  # from here on a SIGTERM is ignored
+        _stop_ray()
+        by = " (SIGTERM)" if by_sigterm else ""
+        print(f"\nwit-build: interrupted{by}; rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if by_sigterm else 130
     except BrokenPipeError:  # `wit-build status DIR | head`: the reader left; stop quietly, as `cat` would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
@@ -293,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if previous is not None:  # main() called in-process (tests): leave the handler as found
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -1,7 +1,18 @@
 """Paths, atomic writes and part naming over fsspec (local dirs and object stores alike).
 
 Every file a stage produces is written to a temporary name and renamed when complete, so a
-crashed run leaves no half-written part behind and a rerun can trust whatever exists.
+crashed run leaves no half-written part behind and a rerun can trust whatever exists. On an
+object store (s3://, gs://, ...) "rename" is a server-side copy then a delete of the temporary
+object: readers never see a partial object, and a write or commit that fails removes its
+temporary object before the error propagates.
+
+Object stores: every call here looks at the store afresh. fsspec caches directory listings per
+filesystem instance, but other processes (Ray workers, another run) write to the run dir, so a
+cached listing would hide their files or give a stale size; `filesystem` therefore drops the
+cached listings of a non-local filesystem before returning it. Storage options (endpoint,
+credentials) come from the environment (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL) or fsspec's config (FSSPEC_S3_ENDPOINT_URL=..., FSSPEC_S3='{"key": ...}', or
+a JSON file in ~/.config/fsspec/), never per call, so every process resolves them the same way.
 
 Example:
     >>> import tempfile, pyarrow as pa
@@ -14,11 +25,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 import fsspec
 import pyarrow as pa
@@ -26,8 +38,15 @@ import pyarrow.parquet as pq
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return (filesystem, path inside it) for a local path or an fsspec URL."""
+    """Return (filesystem, path inside it) for a local path or an fsspec URL.
+
+    For a non-local path the filesystem's cached listings are dropped first: other processes
+    (Ray workers) write to the run dir, so a listing this process cached earlier is never
+    trusted (s3fs would answer `exists`, `info` and `open` from it: a file written since would
+    be missing, an overwritten one would have its old size)."""
     fs, inner = fsspec.core.url_to_fs(path)
+    if not is_local(path):
+        fs.invalidate_cache()
     return fs, inner
 
 
@@ -42,17 +61,15 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _fresh(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, inner path) with any cached listing of the path dropped: other processes
-    (Ray workers) write to the run dir, so a cached listing of an object store is never trusted."""
+def open_file(path: str, mode: str = "rb", **kwargs: Any) -> IO[bytes]:
+    """Open `path` (local or fsspec URL) through `filesystem`, so an object store is asked
+    afresh; `kwargs` go to the filesystem's `open` (e.g. `block_size`)."""
     fs, inner = filesystem(path)
-    if not is_local(path):
-        fs.invalidate_cache(inner)
-    return fs, inner
+    return fs.open(inner, mode, **kwargs)
 
 
 def exists(path: str) -> bool:
-    fs, inner = _fresh(path)
+    fs, inner = filesystem(path)
     return fs.exists(inner)
 
 
@@ -65,12 +82,14 @@ def remove(path: str) -> None:
     """Remove a file or a directory tree; absent is fine."""
     fs, inner = filesystem(path)
     if fs.exists(inner):
-        fs.rm(inner, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile (another process)
+            fs.rm(inner, recursive=True)
 
 
 def listdir(path: str, suffix: str = "") -> list[str]:
-    """Full paths of the entries directly under `path` ending in `suffix`, sorted."""
-    fs, inner = _fresh(path)
+    """Full paths of the entries directly under `path` ending in `suffix`, sorted (one fresh
+    listing: on an object store, what other processes wrote up to now)."""
+    fs, inner = filesystem(path)
     if not fs.exists(inner):
         return []
     protocol = path.split("://", 1)[0] + "://" if not is_local(path) else ""
@@ -134,12 +153,13 @@ def is_tmp_name(name: str) -> bool:
 
 def remove_stale_tmp(directory: str) -> None:
     """Delete the temporary files a killed run left directly under `directory`."""
-    fs, inner = _fresh(directory)
+    fs, inner = filesystem(directory)
     if not fs.exists(inner):
         return
     for p in fs.ls(inner, detail=False):
         if is_tmp_name(p):
-            fs.rm(p, recursive=True)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(p, recursive=True)
 
 
 def _tmp_name(path: str) -> str:
@@ -148,13 +168,49 @@ def _tmp_name(path: str) -> str:
     return f"{head}/{tmp}" if head else tmp
 
 
+def _discard(tmp: str) -> None:
+    """Best-effort removal of a temporary file after a failed write or commit (never raises:
+    the original error is what the caller must see; a leftover is removed by the next run's
+    `remove_stale_tmp`)."""
+    with contextlib.suppress(Exception):
+        remove(tmp)
+
+
 def _commit(tmp: str, path: str) -> None:
+    """Rename `tmp` to `path`. Local: os.replace (atomic). A filesystem without a native move
+    (object stores: s3fs, gcsfs, ...): a server-side copy of the one object, then the
+    temporary is deleted, with no directory guessing (fsspec's generic `mv` treats a path it
+    believes to be a directory specially). On failure the temporary object is removed."""
     fs, inner_tmp = filesystem(tmp)
     _, inner = filesystem(path)
-    if is_local(path):
-        os.replace(inner_tmp, inner)
-    else:
-        fs.mv(inner_tmp, inner)
+    try:
+        if is_local(path):
+            os.replace(inner_tmp, inner)
+        elif type(fs).mv is fsspec.AbstractFileSystem.mv:
+            fs.cp_file(inner_tmp, inner)
+            fs.rm_file(inner_tmp)
+        else:  # a filesystem with its own move (sftp, hdfs, ...)
+            fs.mv(inner_tmp, inner)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _atomic(path: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
+    """Yield (filesystem, temporary path) to write `path` to; on a clean exit the temporary is
+    committed to `path`, on an exception it is removed (an object store has uploaded whatever
+    was written when the writer closed) and the exception propagates."""
+    if "/" in path:
+        makedirs(path.rsplit("/", 1)[0])
+    tmp = _tmp_name(path)
+    fs, inner_tmp = filesystem(tmp)
+    try:
+        yield fs, inner_tmp
+    except BaseException:
+        _discard(tmp)
+        raise
+    _commit(tmp, path)
 
 
 def tmp_name(path: str) -> str:
@@ -164,17 +220,20 @@ def tmp_name(path: str) -> str:
 
 
 def commit(tmp: str, path: str) -> None:
-    """Rename a finished temporary file (`tmp_name`) to `path`, replacing any file there."""
+    """Rename a finished temporary file (`tmp_name`) to `path`, replacing any file there; on
+    failure the temporary file is removed and the error propagates."""
     _commit(tmp, path)
+
+
+def discard(tmp: str) -> None:
+    """Remove a temporary file (`tmp_name`) whose write failed; never raises."""
+    _discard(tmp)
 
 
 def write_bytes(data: bytes, path: str) -> None:
     """Write `data` to `path` atomically (temp name, then rename)."""
-    makedirs(path.rsplit("/", 1)[0]) if "/" in path else None
-    tmp = _tmp_name(path)
-    with fsspec.open(tmp, "wb") as f:
+    with _atomic(path) as (fs, inner_tmp), fs.open(inner_tmp, "wb") as f:
         f.write(data)
-    _commit(tmp, path)
 
 
 def write_json(obj: Any, path: str) -> None:
@@ -182,7 +241,7 @@ def write_json(obj: Any, path: str) -> None:
 
 
 def read_json(path: str) -> Any:
-    with fsspec.open(path, "rb") as f:
+    with open_file(path, "rb") as f:
         return json.loads(f.read())
 
 
@@ -190,25 +249,21 @@ def write_parquet(table: pa.Table, path: str, schema: pa.Schema | None = None) -
     """Write a table atomically; cast to `schema` first when given."""
     if schema is not None:
         table = conform(table, schema)
-    makedirs(path.rsplit("/", 1)[0]) if "/" in path else None
-    tmp = _tmp_name(path)
-    fs, inner_tmp = filesystem(tmp)
-    pq.write_table(table, inner_tmp, filesystem=fs, compression="zstd")
-    _commit(tmp, path)
+    with _atomic(path) as (fs, inner_tmp):
+        pq.write_table(table, inner_tmp, filesystem=fs, compression="zstd")
 
 
 def write_parquet_batches(batches: Iterable[pa.RecordBatch], path: str, schema: pa.Schema) -> int:
     """Stream record batches into one parquet file atomically; returns rows written."""
-    makedirs(path.rsplit("/", 1)[0]) if "/" in path else None
-    tmp = _tmp_name(path)
-    fs, inner_tmp = filesystem(tmp)
     rows = 0
-    with pq.ParquetWriter(inner_tmp, schema, filesystem=fs, compression="zstd") as writer:
+    with (
+        _atomic(path) as (fs, inner_tmp),
+        pq.ParquetWriter(inner_tmp, schema, filesystem=fs, compression="zstd") as writer,
+    ):
         for batch in batches:
             if batch.num_rows:
                 writer.write_table(conform(pa.Table.from_batches([batch]), schema).select(schema.names))
                 rows += batch.num_rows
-    _commit(tmp, path)
     return rows
 
 
@@ -219,8 +274,7 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
 
 def iter_parquet_batches(path: str, columns: list[str] | None = None, batch_size: int = 65536):
     """Stream a parquet file in record batches (bounded memory)."""
-    fs, inner = filesystem(path)
-    with fs.open(inner, "rb") as f:
+    with open_file(path, "rb") as f:
         yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 

@@ -34,13 +34,47 @@ def _ray():
     return ray
 
 
+# Storage settings forwarded to the workers of a Ray cluster (an embedded Ray's workers inherit
+# this process's environment anyway; a cluster's were started by `ray start` on each node):
+# fsspec's config variables (FSSPEC_S3_ENDPOINT_URL=..., FSSPEC_S3='{...}', FSSPEC_GCS_...) and
+# the AWS SDK's credentials, session token, endpoint and region. Not AWS_PROFILE or file paths:
+# those name things on this machine that the nodes may not have.
+STORAGE_ENV_PREFIXES = ("FSSPEC_",)
+STORAGE_ENV_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+def storage_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The storage settings of `environ` (default: this process's) that cluster workers get.
+
+    >>> storage_env({"AWS_ENDPOINT_URL": "http://minio:9000", "FSSPEC_S3_ANON": "false", "HOME": "/root"})
+    {'AWS_ENDPOINT_URL': 'http://minio:9000', 'FSSPEC_S3_ANON': 'false'}
+    """
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(env.items()) if k in STORAGE_ENV_NAMES or k.startswith(STORAGE_ENV_PREFIXES)}
+
+
 def init(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start an embedded local Ray (or connect to `address`); a no-op if already up."""
+    """Start an embedded local Ray (or connect to `address`); a no-op if already up.
+
+    On a cluster, this process's storage settings (`storage_env`) are passed to every worker
+    of the run (Ray's runtime_env), so credentials and an endpoint set once, where `wit-build`
+    runs, reach the run dir from every node."""
     ray = _ray()
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=True)
     if address:
+        forwarded = storage_env()
+        if forwarded:
+            kwargs["runtime_env"] = {"env_vars": forwarded}
         ray.init(address=address, logging_level=logging.WARNING, **kwargs)
     else:  # embedded: always a private local instance, whatever RAY_ADDRESS or a `ray start`
         # on this host says; quiet (its start-up warnings, e.g. about token auth, mean nothing here)

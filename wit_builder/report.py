@@ -29,10 +29,13 @@ def _plt():
 
 
 def _save(fig: Any, out_dir: str, name: str) -> str:
-    path = os.path.join(out_dir, name)
+    import io as _io
+
+    buf = _io.BytesIO()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(buf, format="png", dpi=110)
     _plt().close(fig)
+    io.write_bytes(buf.getvalue(), io.join(out_dir, name))  # local dir or object store alike
     return name
 
 
@@ -97,16 +100,16 @@ Section = tuple[list[str], list[str | None]]  # (HTML parts, plot file names or 
 
 
 def write_report(run_dir: str) -> str:
-    """Write `run_dir/report/report.html` (+ PNGs) and return its path. The run dir must be local."""
+    """Write `run_dir/report/report.html` (+ PNGs) and return its path (local or fsspec URL)."""
     if not io.exists(run_dir):
         from wit_builder.config import ConfigError
 
         raise ConfigError(f"run directory not found: {run_dir}")
-    out_dir = os.path.join(run_dir, "report")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = io.join(run_dir, "report")
     con = connect(run_dir)
     have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-    parts = [f"<h1>wit-builder run report</h1><p>{html.escape(os.path.abspath(run_dir))}</p>"]
+    where = os.path.abspath(run_dir) if io.is_local(run_dir) else run_dir
+    parts = [f"<h1>wit-builder run report</h1><p>{html.escape(where)}</p>"]
     plots: list[str | None] = []
     for section in (
         _stages_section(stage_states(run_dir), out_dir),
@@ -122,7 +125,7 @@ def write_report(run_dir: str) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>wit-builder report</title>"
         f"{_STYLE}</head><body>" + "\n".join(parts) + "</body></html>\n"
     )
-    path = os.path.join(out_dir, "report.html")
+    path = io.join(out_dir, "report.html")
     io.write_bytes(page.encode(), path)
     return path
 
@@ -182,8 +185,8 @@ def _shards_section(con: Any, have: set[str], run_dir: str, out_dir: str) -> Sec
     caps = [r[0] for r in con.execute("SELECT length(caption) FROM shards").fetchall()]
     plot = _histogram(caps, "caption length in the final shards", "characters", out_dir, "captions.png")
     parts = []
-    manifest_path = os.path.join(run_dir, "shards", "manifest.json")
-    if os.path.exists(manifest_path):
+    manifest_path = io.join(run_dir, "shards", "manifest.json")
+    if io.exists(manifest_path):
         m = io.read_json(manifest_path)
         parts.append(
             f"<h2>Shards</h2><p>{len(m['tars'])} tars, {m['total_samples']} samples, "

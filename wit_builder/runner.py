@@ -5,6 +5,8 @@ Each stage's output dir holds `_FINGERPRINT.json` (written when the stage starts
 its own config, the seed, its input files (path, size, mtime) for the stages that read user
 input, and the fingerprint of the stage before it — so a change anywhere redoes that stage and
 everything after it, and an unchanged finished stage is never redone.
+While stages run, the run holds the run dir's lease (`_LOCK.json`, wit_builder/lease.py): a
+second run on the same dir is refused until this one ends.
 
 Example (see tests/test_runner.py for a full run):
     >>> from wit_builder.config import load_pipeline  # doctest: +SKIP
@@ -23,6 +25,7 @@ from typing import Any
 
 from wit_builder import __version__, io
 from wit_builder.config import ConfigError
+from wit_builder.lease import RunLease
 from wit_builder.pipeline import Pipeline
 from wit_builder.stages import OUTPUT_DIR, STAGE_ORDER
 from wit_builder.stages.base import StageContext, StageResult, Timer
@@ -124,11 +127,27 @@ def run_pipeline(
         if preflight is not None:
             preflight(pipeline.config_for(name))
     fps = fingerprints(pipeline)
+    with RunLease(run_dir) as lease:  # one run at a time per run dir; released however this ends
+        return _run_stages(pipeline, run_dir, selected, fps, lease, force, ray_address, overrides, on_result)
+
+
+def _run_stages(
+    pipeline: Pipeline,
+    run_dir: str,
+    selected: list[str],
+    fps: dict[str, str],
+    lease: RunLease,
+    force: bool,
+    ray_address: str | None,
+    overrides: list[str] | None,
+    on_result: Callable[[str, StageResult, bool], None] | None,
+) -> dict[str, StageResult]:
     save_run_config(pipeline, run_dir, overrides or [])
     ctx = _context(pipeline, run_dir)
     results: dict[str, StageResult] = {}
     announced_change = ray_started = False
     for name in (s for s in STAGE_ORDER if s in selected):
+        lease.check()
         result = None if force else _finished_result(ctx, name, fps[name])
         skipped = result is not None
         if skipped:
@@ -210,15 +229,30 @@ def _context(pipeline: Pipeline, run_dir: str) -> StageContext:
 
 
 def _start_ray(pipeline: Pipeline, ray_address: str | None) -> None:
+    """Start (or connect to) Ray, keeping this process's SIGTERM handler: `ray.init` replaces
+    it with its own (sys.exit) and its core worker's crash handler (a stack dump, then abort),
+    which would bypass `wit-build`'s handler (SIGTERM = interrupt: clean up, exit 143)."""
+    import signal
+    import threading
+
     from wit_builder import parallel
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     parallel.init(address=ray_address, num_cpus=pipeline.run.num_cpus or None)
+    if callable(handler):  # one a caller installed (cli.main); a default one stays Ray's
+        signal.signal(signal.SIGTERM, handler)
 
 
 def retry_failed_downloads(pipeline: Pipeline, run_dir: str, ray_address: str | None = None) -> StageResult:
     """`wit-build download DIR --retry-failed`: re-fetch the transient failures of a finished
     download stage; when shards changed, record the new download summary and make the next run
     redo what depends on them (filter work of those shards only, and the final shards)."""
+    with RunLease(run_dir):  # as a run: not while another run (or retry) works in run_dir
+        return _retry_failed(pipeline, run_dir, ray_address)
+
+
+def _retry_failed(pipeline: Pipeline, run_dir: str, ray_address: str | None) -> StageResult:
     from wit_builder.stages import download
 
     fps = fingerprints(pipeline)

@@ -26,13 +26,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tarfile
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 from zlib import adler32
-
-import fsspec
 
 from wit_builder import io as wio
 
@@ -94,7 +93,7 @@ class TarWriter:
     def __enter__(self) -> TarWriter:
         if "/" in self.path:
             wio.makedirs(self.path.rsplit("/", 1)[0])
-        self._f = fsspec.open(self.tmp, "wb").open()
+        self._f = wio.open_file(self.tmp, "wb")
         return self
 
     def _write(self, b: bytes) -> None:
@@ -124,8 +123,9 @@ class TarWriter:
         finally:
             self._f = None
             if not committed:
-                f.close()  # a second close is a no-op
-                wio.remove(self.tmp)
+                with contextlib.suppress(Exception):  # the error under way is the one to see
+                    f.close()  # a second close is a no-op
+                wio.discard(self.tmp)  # (on an object store, close has uploaded the partial file)
 
     @property
     def sha256(self) -> str:
@@ -296,7 +296,7 @@ def read_tar(path: str, want: Callable[[str], bool] | None = None) -> Iterator[t
     order; with `want`, only of the names it accepts (the others' data is seeked over). A file
     that stops at a member boundary without an end-of-archive marker ends the iteration, as it
     does in `tarfile`; anything else malformed raises TarFormatError."""
-    with fsspec.open(path, "rb") as f:
+    with wio.open_file(path, "rb") as f:
         for m in iter_members(f):
             if want is None or want(m.name):
                 yield m.name, m.read()
@@ -305,7 +305,7 @@ def read_tar(path: str, want: Callable[[str], bool] | None = None) -> Iterator[t
 def member_offsets(path: str, want: Callable[[str], bool]) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of the regular files of `path` whose name `want` accepts, in file
     order, from the headers alone: `f.seek(offset); f.read(size)` returns the member's data."""
-    with fsspec.open(path, "rb") as f:
+    with wio.open_file(path, "rb") as f:
         for m in iter_members(f):
             if want(m.name):
                 yield m.name, m.offset, m.size

@@ -35,11 +35,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io as _io
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -401,6 +403,23 @@ class _ShardDecisions:
         return {"rows": part.num_rows, "dropped": dict(Counter(r for r in reasons if r is not None))}
 
 
+@contextlib.contextmanager
+def _dedup_dir(ctx: StageContext, out_dir: str) -> Iterator[str]:
+    """A fresh local directory for the dedup's DuckDB files, removed afterwards (also when the
+    stage fails): filtered/_work/dedup for a local run dir, else one under the system temp dir."""
+    if io.is_local(out_dir):
+        tmp = io.join(ctx.work_dir("filter"), "dedup")
+        io.remove(tmp)
+        io.makedirs(tmp)
+        try:
+            yield tmp
+        finally:
+            io.remove(tmp)
+    else:
+        with tempfile.TemporaryDirectory(prefix="wit-dedup-") as tmp:
+            yield tmp
+
+
 def run(ctx: StageContext, cfg: Config) -> StageResult:
     """Filter every successful download; see the module docstring for reasons and steps."""
     download_dir = ctx.stage_dir("download")
@@ -428,36 +447,38 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
         [executor.Part(name, (pq, tar, fp)) for (name, pq, tar), fp in zip(shards, feature_paths)],
         progress=ctx.progress,
     )
-    # step 2: global dedup, out of core (DuckDB); marks come sorted by shard
-    tmp = io.join(ctx.work_dir("filter"), "dedup") if io.is_local(out_dir) else tempfile.mkdtemp(prefix="wit-dedup-")
-    io.remove(tmp)
-    io.makedirs(tmp)
-    marks = duplicate_marks(
-        feature_paths,
-        exact=cfg.exact_dedup,
-        max_distance=cfg.near_dedup_distance,
-        tmp_dir=tmp,
-        memory_limit=cfg.dedup_memory_limit,
-    )
-    # step 3: per-shard decisions, in this process (it streams the marks)
-    write = executor.Pass(
-        "write",
-        ctx.marker_dir("filter", "write"),
-        _ShardDecisions(marks),
-        local=True,
-        tmp_dirs=(out_dir,),
-        desc="filter: write",
-        unit="shard",
-    )
-    counts = executor.run_pass(
-        write,
-        [
-            executor.Part(name, (i, fp, io.join(out_dir, f"{name}.parquet")))
-            for i, (name, fp) in enumerate(zip(names, feature_paths))
-        ],
-        progress=False,
-    )
-    io.remove(tmp)
+    # step 2: global dedup, out of core (DuckDB); marks come sorted by shard. DuckDB's database
+    # and spill files need a local directory: the run's scratch when the run dir is local, a
+    # temporary directory of this machine when it is an object store.
+    with _dedup_dir(ctx, out_dir) as tmp:
+        marks = duplicate_marks(
+            feature_paths,
+            exact=cfg.exact_dedup,
+            max_distance=cfg.near_dedup_distance,
+            tmp_dir=tmp,
+            memory_limit=cfg.dedup_memory_limit,
+        )
+        try:
+            # step 3: per-shard decisions, in this process (it streams the marks)
+            write = executor.Pass(
+                "write",
+                ctx.marker_dir("filter", "write"),
+                _ShardDecisions(marks),
+                local=True,
+                tmp_dirs=(out_dir,),
+                desc="filter: write",
+                unit="shard",
+            )
+            counts = executor.run_pass(
+                write,
+                [
+                    executor.Part(name, (i, fp, io.join(out_dir, f"{name}.parquet")))
+                    for i, (name, fp) in enumerate(zip(names, feature_paths))
+                ],
+                progress=False,
+            )
+        finally:  # DuckDB's connection closes before its directory goes
+            marks.close()
     totals = executor.sum_counts(counts.values())
     dropped = totals.get("dropped", {})
     rows_in = totals.get("rows", 0)

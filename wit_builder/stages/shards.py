@@ -35,7 +35,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ClassVar
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -248,6 +247,7 @@ def _members(r: dict[str, Any], image: bytes) -> Iterable[tuple[str, bytes]]:
 
 
 MAX_OPEN_SOURCES = 64  # download tars kept open by one writer task (key order jumps between them)
+REMOTE_BLOCK = 4 << 20  # read-ahead per open download tar on an object store (s3fs's default: 50 MB)
 
 
 class _OpenFiles:
@@ -263,7 +263,9 @@ class _OpenFiles:
     def get(self, path: str) -> BinaryIO:
         f = self.files.pop(path, None)
         if f is None:
-            f = fsspec.open(path, "rb").open()
+            # reads within one download tar go forward (both are in key order): a read-ahead
+            # block serves many images; a small one keeps 64 open tars' buffers small
+            f = io.open_file(path, "rb") if io.is_local(path) else io.open_file(path, "rb", block_size=REMOTE_BLOCK)
             if len(self.files) >= self.limit:
                 self.files.popitem(last=False)[1].close()
         self.files[path] = f

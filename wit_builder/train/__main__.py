@@ -6,8 +6,11 @@
         --data runs/r1/shards/manifest.json --out runs/r1/train
 
 A run resumes from `OUT/checkpoints/latest.json` when it exists (`--no-resume` to refuse).
-Config problems, a bad manifest or a missing shard: one error line, exit code 2. Ctrl-C: the
-current step finishes, a checkpoint is written, exit code 130.
+Config problems, a bad manifest or a missing shard: one error line, exit code 2. SIGTERM (a
+preempted job; torchrun passes it on to every rank) or Ctrl-C: every rank finishes its current
+step, the ranks agree to stop at the same step, rank 0 writes a checkpoint, and every rank exits,
+with code 0 after a SIGTERM (the same command resumes) or 130 after a Ctrl-C. A second Ctrl-C
+interrupts at once.
 """
 
 from __future__ import annotations
@@ -79,7 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if rank == 0:
         print(json.dumps(summary))
-    return 130 if summary.get("stopped") else 0
+    if summary.get("stopped"):
+        code = 130 if summary.get("signal") == "SIGINT" else 0
+        print(
+            f"wit-train: [rank {rank}] stopped by {summary.get('signal')} at step {summary.get('steps')}, "
+            f"checkpoint saved; exit code {code}",
+            file=sys.stderr,
+        )
+        return code
+    return 0
 
 
 if __name__ == "__main__":

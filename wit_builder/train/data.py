@@ -6,9 +6,12 @@ slot reads every tar of the manifest but only the tar *headers* of other slots' 
 data is seeked over), shuffles its own raw samples with a buffer seeded by (seed, epoch, slot),
 numbers them, and decodes + augments them in its DataLoader worker. The main process re-batches
 the workers' rows into exact per-rank batches and records, per worker, how many of its numbered
-samples went into a batch that was trained on: that is the data position a checkpoint stores.
-A resumed run regenerates the same per-slot streams and skips the consumed prefix before
-decoding, so it neither repeats nor skips a sample.
+samples went into a batch that was trained on, and which worker's rows come next: that is the
+data position a checkpoint stores. A resumed run regenerates the same per-slot streams and skips
+the consumed prefix before decoding, so it neither repeats nor skips a sample; and it rebuilds
+the very same batches: a worker cuts its chunks at fixed sample numbers (multiples of `chunk`,
+not counted from where it started), the DataLoader's round-robin over workers starts at the
+worker that was next, and each sample's augmentation is seeded by (seed, epoch, key).
 
 Tars follow the webdataset layout (`{key}.jpg`, `{key}.txt`, `{key}.json`, members of one
 sample adjacent); a sample that cannot be decoded is skipped with a warning (webdataset's
@@ -214,10 +217,14 @@ def decode_sample(parts: dict[str, bytes], transform: Callable) -> tuple[Any, st
     return image, caption
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    """Ctrl-C is handled by the main process (it finishes the step and checkpoints)."""
+def _worker_init(_worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM: the main process handles both (it finishes
+    the step, checkpoints, then shuts its workers down). A terminal's Ctrl-C, `kill -TERM -PGID` and
+    torchrun (which signals each rank's whole process group) reach the workers too; dying there
+    would kill the rank with "DataLoader worker ... is killed by signal" before it saves. A worker
+    whose main process is gone exits by itself (DataLoader's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -232,8 +239,9 @@ class EpochSpec:
     seed: int
     buffer: int
     holdout: float
-    chunk: int
+    chunk: int  # a worker's chunks end after sample numbers chunk-1, 2*chunk-1, ... of its stream
     start: list[int]  # per worker: numbered samples already consumed (skipped, not decoded)
+    first_worker: int = 0  # the worker whose rows come first (a resumed epoch's round-robin)
 
 
 def _make_dataset(spec: EpochSpec, transform: Callable, tokenizer: Callable):
@@ -242,9 +250,9 @@ def _make_dataset(spec: EpochSpec, transform: Callable, tokenizer: Callable):
     class SlotDataset(torch.utils.data.IterableDataset):
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
-            w = info.id if info is not None else 0
+            # DataLoader worker i (the i-th of its round-robin) serves worker w of this rank
+            w = ((info.id if info is not None else 0) + spec.first_worker) % spec.workers
             slot = spec.rank * spec.workers + w
-            torch.manual_seed(_key_hash(f"{spec.seed}\x1f{spec.epoch}\x1f{slot}\x1f{spec.start[w]}") % (1 << 62))
             images, captions, keys, seqs, bad = [], [], [], [], 0
             stream = slot_stream(
                 spec.urls, slot, spec.world * spec.workers, spec.epoch, spec.seed, spec.buffer, spec.holdout
@@ -252,15 +260,16 @@ def _make_dataset(spec: EpochSpec, transform: Callable, tokenizer: Callable):
             for seq, (key, parts) in enumerate(stream):
                 if seq < spec.start[w]:
                     continue
+                # the augmentation of a sample depends on nothing but (seed, epoch, key)
+                torch.default_generator.manual_seed(_key_hash(key, f"{spec.seed}\x1f{spec.epoch}\x1f") % (1 << 62))
                 try:
                     image, caption = decode_sample(parts, transform)
+                    images.append(image), captions.append(caption), keys.append(key), seqs.append(seq)
                 except Exception as e:  # warn-and-continue for a bad sample
                     bad += 1
                     if bad <= 5:
                         log.warning("sample %s skipped: %s", key, e)
-                    continue
-                images.append(image), captions.append(caption), keys.append(key), seqs.append(seq)
-                if len(keys) == spec.chunk:
+                if keys and (seq + 1) % spec.chunk == 0:
                     yield _chunk(images, tokenizer(captions), keys, seqs, w)
                     images, captions, keys, seqs = [], [], [], []
             if keys:
@@ -281,6 +290,7 @@ class LocalBatch:
     text: Any  # (n, context) long tensor
     keys: list[str]
     positions: list[int]  # per worker, after this batch (what a checkpoint stores)
+    next_worker: int = 0  # the worker whose rows come next (what a checkpoint stores)
 
     @property
     def rows(self) -> int:
@@ -296,7 +306,7 @@ def epoch_batches(
     pin_memory: bool = False,
 ) -> Iterator[LocalBatch]:
     """Exact `local_batch`-row batches for this rank and epoch (the last one may be shorter),
-    each with the per-worker data position after it."""
+    each with the data position after it (per-worker positions, the next worker)."""
     import torch
 
     dataset = _make_dataset(spec, transform, tokenizer)
@@ -305,7 +315,7 @@ def epoch_batches(
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=_ignore_sigint if num_workers else None,
+        worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
     )
@@ -317,15 +327,15 @@ def epoch_batches(
         pending.append(chunk)
         have += len(chunk["key"])
         while have >= local_batch:
-            batch, offset = _take(pending, offset, local_batch, positions)
+            batch, offset = _take(pending, offset, local_batch, positions, spec.workers)
             have -= local_batch
             yield batch
     if have:
-        batch, offset = _take(pending, offset, have, positions)
+        batch, offset = _take(pending, offset, have, positions, spec.workers)
         yield batch
 
 
-def _take(pending: list[dict], offset: int, n: int, positions: list[int]) -> tuple[LocalBatch, int]:
+def _take(pending: list[dict], offset: int, n: int, positions: list[int], workers: int) -> tuple[LocalBatch, int]:
     import torch
 
     images, texts, keys = [], [], []
@@ -342,7 +352,9 @@ def _take(pending: list[dict], offset: int, n: int, positions: list[int]) -> tup
         if offset == size:
             pending.pop(0)
             offset = 0
-    return LocalBatch(torch.cat(images), torch.cat(texts), keys, list(positions)), offset
+    # next: the worker of the first chunk not used up, else the one after the last chunk used
+    nxt = pending[0]["worker"] if pending else (c["worker"] + 1) % workers
+    return LocalBatch(torch.cat(images), torch.cat(texts), keys, list(positions), nxt), offset
 
 
 def iter_samples(manifest: Manifest, heldout: float | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -80,10 +80,13 @@ def _all_reduce(values: list[float], env: DistEnv) -> list[float]:
 
 class StopRequest:
     """Ctrl-C / SIGTERM set a flag; the loop finishes its step, checkpoints and returns. A second
-    Ctrl-C interrupts at once."""
+    Ctrl-C interrupts at once; a second SIGTERM (torchrun forwards the one a scheduler sends to
+    the whole job, which the rank got too) changes nothing. `signal`: the first one received."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: str | None = None
+        self._pid = os.getpid()
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -95,10 +98,14 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker, forked before it set SIG_IGN
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: finishing this step, then saving a checkpoint")
+        if not self.requested:
+            self.requested = True
+            self.signal = signal.Signals(signum).name
+            log.warning("%s: finishing this step, then saving a checkpoint", self.signal)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -197,6 +204,8 @@ class TrainState:
     epoch: int = 0
     positions: list[list[int]] = field(default_factory=list)  # per rank, per worker (this epoch)
     samples_seen: int = 0
+    next_worker: list[int] = field(default_factory=list)  # per rank: whose rows come next (this epoch)
+    first_loss: float | None = None  # the loss of the run's first step (the summary's first_loss)
 
 
 def save_checkpoint(
@@ -283,11 +292,12 @@ def _pad(
     return image, text, valid
 
 
-def _gather_positions(positions: list[int], env: DistEnv) -> list[list[int]]:
+def _gather(mine: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `mine` (a small picklable value), in rank order."""
     if env.world == 1:
-        return [list(positions)]
+        return [mine]
     everyone: list[Any] = [None] * env.world
-    dist.all_gather_object(everyone, list(positions))
+    dist.all_gather_object(everyone, mine)
     return everyone
 
 
@@ -329,26 +339,27 @@ def train(
     Returns a summary (rank 0 holds the complete one): steps, first/last loss, checkpoint path,
     final eval. `keys_log` (tests): a file per rank where every trained sample key is appended.
     """
-    run, state, resumed = _setup(cfg, manifest_path, out, pretrained, resume)
-    env = run.env
-    log_file = open(os.path.join(out, "train_log.jsonl"), "a") if env.main else None
-    keys_file = open(keys_log, "a") if keys_log else None
-    summary: dict[str, Any] = {"first_loss": None, "loss": None}
     window = _Window()
-    last_saved = state.step if resumed else -1
     last_eval: tuple[int, dict[str, Any] | None] = (-1, None)  # (step, result) of the latest eval
-    stopped = False
-    with StopRequest() as stop:
+    stopped: str | None = None  # the signal the ranks agreed to stop on
+    with StopRequest() as stop:  # from the start: a SIGTERM during setup stops before the first step
+        run, state, resumed = _setup(cfg, manifest_path, out, pretrained, resume)
+        env = run.env
+        log_file = open(os.path.join(out, "train_log.jsonl"), "a") if env.main else None
+        keys_file = open(keys_log, "a") if keys_log else None
+        summary: dict[str, Any] = {"first_loss": state.first_loss, "loss": None}
+        last_saved = state.step if resumed else -1
         while state.step < run.max_steps and state.epoch < run.max_epochs and not stopped:
             start = state.positions[env.rank] if state.positions else [0] * run.workers
-            batches = _epoch_batches(run, state, start)
+            first = state.next_worker[env.rank] if state.next_worker else 0
+            batches = _epoch_batches(run, state, start, first)
             positions = state.positions[env.rank]  # advanced in place: the checkpoint's data position
             epoch_done, steps_this_epoch = False, 0
             while state.step < run.max_steps:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
                 t_data = time.perf_counter() - t0
-                real, short, stopped = _agree(run, batch, stop.requested)
+                real, short, stopped = _agree(run, batch, stop.signal)
                 if stopped:
                     break
                 if real == 0 or (cfg.data.last_batch == "drop" and short):
@@ -361,9 +372,10 @@ def train(
                 state.samples_seen += real
                 if batch is not None:
                     positions[:] = batch.positions
+                    state.next_worker[env.rank] = batch.next_worker
                     _log_keys(keys_file, state, batch)
-                if summary["first_loss"] is None:
-                    summary["first_loss"] = loss
+                if state.first_loss is None:
+                    state.first_loss = summary["first_loss"] = loss
                 summary["loss"] = loss
                 window.add(time.perf_counter() - t0, t_data, real)
                 if env.main and (state.step % cfg.log_every == 0 or state.step == run.max_steps):
@@ -380,11 +392,13 @@ def train(
                 if steps_this_epoch == 0 and not any(start):
                     raise _no_batch_error(run, state.epoch)
                 state.epoch += 1
-                state.positions = []
+                state.positions, state.next_worker = [], []
         summary["checkpoint"] = _save(run, state) if last_saved != state.step else latest_checkpoint(out)
     if keys_file:
         keys_file.close()
-    summary.update(steps=state.step, epoch=state.epoch, samples_seen=state.samples_seen, stopped=stopped)
+    summary.update(
+        steps=state.step, epoch=state.epoch, samples_seen=state.samples_seen, stopped=bool(stopped), signal=stopped
+    )
     if not stopped:
         summary["eval"] = last_eval[1] if last_eval[0] == state.step else _evaluate(run, state.step)
     if log_file:
@@ -426,6 +440,9 @@ def _setup(
     if ckpt:
         state, _ = load_checkpoint(ckpt, raw_model, optimizer, scaler, layout)
         log.info("resumed from %s at step %d, epoch %d", ckpt, state.step, state.epoch)
+    if env.main:  # the steps after the checkpoint are trained (and logged) again
+        for name in ("train_log.jsonl", "eval.jsonl"):
+            _trim_records(os.path.join(out, name), state.step)
     model = raw_model
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -452,9 +469,10 @@ def _setup(
     return run, state, bool(ckpt)
 
 
-def _epoch_batches(run: _Run, state: TrainState, start: list[int]):
-    """This rank's batches of epoch `state.epoch`, from per-worker position `start`; resets
-    `state.positions` to this epoch (this rank's row starting at `start`)."""
+def _epoch_batches(run: _Run, state: TrainState, start: list[int], first_worker: int):
+    """This rank's batches of epoch `state.epoch`, from per-worker position `start` with worker
+    `first_worker`'s rows first; resets `state.positions` / `state.next_worker` to this epoch
+    (this rank's entries starting at `start` / `first_worker`)."""
     cfg, env = run.cfg, run.env
     spec = tdata.EpochSpec(
         [s.url for s in run.manifest.shards],
@@ -467,6 +485,7 @@ def _epoch_batches(run: _Run, state: TrainState, start: list[int]):
         cfg.data.holdout_fraction,
         cfg.data.chunk or run.per_rank,
         list(start),
+        first_worker,
     )
     batches = tdata.epoch_batches(
         spec,
@@ -478,15 +497,19 @@ def _epoch_batches(run: _Run, state: TrainState, start: list[int]):
     )
     state.positions = [[0] * run.workers for _ in range(env.world)]
     state.positions[env.rank] = list(start)
+    state.next_worker = [0] * env.world
+    state.next_worker[env.rank] = first_worker
     return batches
 
 
-def _agree(run: _Run, batch: tdata.LocalBatch | None, stop_requested: bool) -> tuple[int, bool, bool]:
+def _agree(run: _Run, batch: tdata.LocalBatch | None, stop_signal: str | None) -> tuple[int, bool, str | None]:
     """One all_reduce over the ranks: (rows of the global batch, whether some rank's batch is short,
-    whether some rank was asked to stop)."""
+    the signal to stop on: "SIGINT" when some rank got a Ctrl-C, else "SIGTERM" when some rank got
+    one, else None). Every rank gets the same answer, so all stop at the same step."""
     rows = batch.rows if batch else 0
-    real, short, stop_votes = _all_reduce([rows, float(rows < run.per_rank), float(stop_requested)], run.env)
-    return int(real), bool(short), bool(stop_votes)
+    votes = [rows, float(rows < run.per_rank), float(stop_signal == "SIGINT"), float(stop_signal == "SIGTERM")]
+    real, short, sigint, sigterm = _all_reduce(votes, run.env)
+    return int(real), bool(short), "SIGINT" if sigint else "SIGTERM" if sigterm else None
 
 
 def _no_batch_error(run: _Run, epoch: int) -> tdata.DataError:
@@ -571,8 +594,19 @@ def _save(run: _Run, state: TrainState) -> str | None:
     """Checkpoint `state` with every rank's data position (all ranks call it; rank 0 writes and
     returns the path, the others None)."""
     env = run.env
-    mine = state.positions[env.rank] if state.positions else [0] * run.workers
-    snapshot = TrainState(state.step, state.epoch, _gather_positions(mine, env), state.samples_seen)
+    mine = (
+        state.positions[env.rank] if state.positions else [0] * run.workers,
+        state.next_worker[env.rank] if state.next_worker else 0,
+    )
+    everyone = _gather(mine, env)
+    snapshot = TrainState(
+        state.step,
+        state.epoch,
+        [list(p) for p, _ in everyone],
+        state.samples_seen,
+        [n for _, n in everyone],
+        state.first_loss,
+    )
     path = None
     if env.main:
         path = save_checkpoint(
@@ -591,6 +625,29 @@ def _save(run: _Run, state: TrainState) -> str | None:
     if env.world > 1:
         dist.barrier()
     return path
+
+
+def _trim_records(path: str, step: int) -> None:
+    """Keep the JSON lines of `path` up to `step` (a resumed run writes the later ones again);
+    a torn last line (a killed run) goes too."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                ok = json.loads(line)["step"] <= step and line.endswith("\n")
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        log.info("%s: dropped %d record(s) after step %d", path, dropped, step)
 
 
 def _evaluate(run: _Run, step: int) -> dict[str, Any] | None:
