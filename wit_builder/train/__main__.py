@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data RUN/shards/manifest.json --out RUN/train",
     )
     p.add_argument("--config", help="trainer TOML (pipelines/train-tiny.toml, ...); defaults when omitted")
-    p.add_argument("--data", required=True, help="shards/manifest.json")
-    p.add_argument("--out", required=True, help="output folder: logs, checkpoints, eval.jsonl")
+    p.add_argument("--data", required=True, help="shards/manifest.json (a local path or an fsspec URL: s3://...)")
+    p.add_argument("--out", required=True, help="output folder (local or s3://...): logs, checkpoints, eval.jsonl")
     p.add_argument(
         "--set",
         action="append",
@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config key, e.g. steps=20 or optim.lr=1e-3 (TOML values)",
     )
-    p.add_argument("--pretrained", default="", help="local open_clip checkpoint to start from")
+    p.add_argument(
+        "--pretrained",
+        default="",
+        help="open_clip checkpoint to start from (file or checkpoint dir, local or s3://...)",
+    )
     p.add_argument("--no-resume", action="store_true", help="do not resume from OUT/checkpoints")
     p.add_argument(
         "--keys-log",

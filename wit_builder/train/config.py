@@ -43,7 +43,8 @@ class ModelConfig:
     name: an open_clip architecture name (`ViT-B-32`, ...), or the name given to `arch`.
     arch: an inline open_clip model config (`embed_dim`, `vision_cfg`, `text_cfg`), registered
         with open_clip under `name` (for tiny test models); empty = use the named architecture.
-    pretrained: a LOCAL open_clip checkpoint (file, or a checkpoint dir of ours); never a hub tag.
+    pretrained: an open_clip checkpoint (file, or a checkpoint dir of ours), local or an fsspec
+        URL (s3://...: downloaded first); never a hub tag.
     grad_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
     """
 

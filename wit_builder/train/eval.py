@@ -10,7 +10,7 @@
 - retrieval: held-out pairs; pairs with byte-identical images form one image with several
   captions (COCO style); recall@1/5/10 for image->text and text->image.
 
-Run on any open_clip checkpoint (local files only):
+Run on any open_clip checkpoint (local, or on an object store: s3://..., downloaded first):
     $ python -m wit_builder.train.eval --pretrained runs/demo/train/checkpoints/step_00000020 \\
         --zeroshot-dir runs/demo/zeroshot --out runs/demo/eval.jsonl
 
@@ -28,6 +28,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -318,11 +319,16 @@ def run_evals(
 def load_model(pretrained: str, name: str = ""):
     """(model, eval transform, tokenizer) from a training output folder (its latest checkpoint), a
     checkpoint folder of ours (open_clip_config.json + weights, loaded via open_clip's
-    `local-dir:`), or a weights file with an architecture `name`."""
+    `local-dir:`), or a weights file with an architecture `name`; any of them local or an fsspec
+    URL (s3://...: the checkpoint's files are downloaded to a temporary folder, then removed)."""
     import open_clip
 
+    from wit_builder import io as wio
     from wit_builder.train.checkpoints import latest_checkpoint
 
+    if not wio.is_local(pretrained):
+        with tempfile.TemporaryDirectory(prefix="wit-eval-") as scratch:
+            return load_model(_download(latest_checkpoint(pretrained) or pretrained, scratch), name)
     if os.path.isdir(pretrained) and latest_checkpoint(pretrained):  # a training output folder
         pretrained = latest_checkpoint(pretrained)
     if os.path.isdir(pretrained) and os.path.exists(os.path.join(pretrained, "open_clip_config.json")):
@@ -330,11 +336,29 @@ def load_model(pretrained: str, name: str = ""):
         model, _, transform = open_clip.create_model_and_transforms(ref)
         return model, transform, open_clip.get_tokenizer(ref)
     if not os.path.isfile(pretrained):
-        raise ConfigError(f"--pretrained {pretrained}: not a checkpoint folder or weights file (local only)")
+        raise ConfigError(f"--pretrained {pretrained}: not a checkpoint folder or weights file")
     if not name:
         raise ConfigError("--model NAME is needed with a weights file")
     model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     return model, transform, open_clip.get_tokenizer(name)
+
+
+def _download(url: str, folder: str) -> str:
+    """Copy a checkpoint folder's files (or one weights file) at `url` into `folder`; returns
+    the local folder (or file)."""
+    from wit_builder import io as wio
+
+    fs, inner = wio.filesystem(url)
+    if fs.isdir(inner):
+        for path in fs.ls(inner, detail=False):
+            if fs.isfile(path):
+                fs.get_file(path, os.path.join(folder, path.rstrip("/").rsplit("/", 1)[-1]))
+        return folder
+    if not fs.isfile(inner):
+        raise ConfigError(f"--pretrained {url}: not found")
+    local = os.path.join(folder, inner.rsplit("/", 1)[-1])
+    fs.get_file(inner, local)
+    return local
 
 
 def main(argv: list[str] | None = None) -> int:

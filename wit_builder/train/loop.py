@@ -5,7 +5,9 @@ CUDA). Every step: fetch this rank's batch, agree with the other ranks (one all_
 how many real rows there are and whether someone asked to stop, run the (accumulated)
 forward/backward with the gathered CLIP loss, clip, AdamW step on the cosine schedule, clamp the
 logit scale, log. Checkpoints hold open_clip-loadable weights plus optimizer, scaler, schedule
-and every rank's data position; `latest.json` points at the newest complete one.
+and every rank's data position; `latest.json` points at the newest complete one. The output
+folder may be local or an fsspec URL (s3://bucket/run): checkpoints, `train_log.jsonl` and
+`eval.jsonl` then go through wit_builder.io (atomic object writes, fresh reads).
 
 CPU example (2 processes):
     $ torchrun --nproc-per-node 2 -m wit_builder.train --config pipelines/train-tiny.toml \\
@@ -15,12 +17,14 @@ CPU example (2 processes):
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,10 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wit_builder import io as wio
 from wit_builder.config import ConfigError
 from wit_builder.train import data as tdata
 from wit_builder.train import model as tmodel
-from wit_builder.train.checkpoints import checkpoint_dir, latest_checkpoint
+from wit_builder.train.checkpoints import checkpoint_dir, join, latest_checkpoint
 from wit_builder.train.config import TrainConfig
 from wit_builder.train.loss import clip_loss
 
@@ -221,32 +226,51 @@ def save_checkpoint(
     total_steps: int,
     keep: int,
 ) -> str:
-    """Write step_{N}/ atomically (temp dir + rename), point latest.json at it, prune old ones."""
+    """Write step_{N}/, point latest.json at it, prune old ones. Locally the folder is written
+    under a temporary name and renamed; on an object store its files are uploaded first and
+    latest.json (one atomic object write) then makes it the newest complete checkpoint."""
     root = checkpoint_dir(out)
-    final = os.path.join(root, f"step_{state.step:08d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmodel.save_for_open_clip(raw_model, built.model_cfg, name, tmp)
-    torch.save(
-        {
-            "state": asdict(state),
-            "layout": layout,
-            "total_steps": total_steps,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "config": _jsonable(cfg),
-        },
-        os.path.join(tmp, "train_state.pt"),
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = os.path.join(root, "latest.json")
-    with open(pointer + ".tmp", "w") as f:
-        json.dump({"path": os.path.basename(final), "step": state.step}, f)
-    os.replace(pointer + ".tmp", pointer)
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-    for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    final = join(root, f"step_{state.step:08d}")
+    train_state = {
+        "state": asdict(state),
+        "layout": layout,
+        "total_steps": total_steps,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "config": _jsonable(cfg),
+    }
+    pointer = join(root, "latest.json")
+    if wio.is_local(out):
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmodel.save_for_open_clip(raw_model, built.model_cfg, name, tmp)
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(pointer + ".tmp", "w") as f:
+            json.dump({"path": os.path.basename(final), "step": state.step}, f)
+        os.replace(pointer + ".tmp", pointer)
+        names = os.listdir(root)
+    else:
+        with tempfile.TemporaryDirectory(prefix="wit-ckpt-") as tmp:
+            tmodel.save_for_open_clip(raw_model, built.model_cfg, name, tmp)
+            torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+            wio.remove(final)  # a partial upload of a run killed while saving this step
+            fs, inner = wio.filesystem(final)
+            for file in sorted(os.listdir(tmp)):
+                fs.put_file(os.path.join(tmp, file), f"{inner}/{file}")
+        wio.write_json({"path": os.path.basename(final), "step": state.step}, pointer)
+        names = [p.rsplit("/", 1)[-1] for p in wio.listdir(root)]
+    steps = sorted(d for d in names if d.startswith("step_") and not d.endswith(".tmp"))
+    mine = os.path.basename(final)
+    # older ones beyond `keep`, and later ones: left by an abandoned run (--no-resume, or an
+    # upload latest.json never pointed at), never a checkpoint of this run
+    stale = [d for d in steps if d <= mine][:-keep] + [d for d in steps if d > mine]
+    for old in stale:
+        if wio.is_local(out):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        else:
+            wio.remove(join(root, old))
     return final
 
 
@@ -256,8 +280,8 @@ def _jsonable(cfg) -> dict[str, Any]:
 
 def load_checkpoint(path: str, raw_model, optimizer, scaler, layout: dict[str, int]) -> tuple[TrainState, int]:
     """Restore weights, optimizer, scaler; returns (state, total_steps of the schedule)."""
-    weights = torch.load(os.path.join(path, tmodel.WEIGHTS_FILE), map_location="cpu", weights_only=True)
-    saved = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+    weights = _torch_load(join(path, tmodel.WEIGHTS_FILE), weights_only=True)
+    saved = _torch_load(join(path, "train_state.pt"), weights_only=False)
     try:
         raw_model.load_state_dict(weights)
         optimizer.load_state_dict(saved["optimizer"])
@@ -276,6 +300,14 @@ def load_checkpoint(path: str, raw_model, optimizer, scaler, layout: dict[str, i
             f"{layout['world']} x {layout['workers']}) or start a new --out"
         )
     return state, int(saved["total_steps"])
+
+
+def _torch_load(path: str, weights_only: bool) -> Any:
+    if wio.is_local(path):
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    with wio.open_file(path, "rb") as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -345,7 +377,7 @@ def train(
     with StopRequest() as stop:  # from the start: a SIGTERM during setup stops before the first step
         run, state, resumed = _setup(cfg, manifest_path, out, pretrained, resume)
         env = run.env
-        log_file = open(os.path.join(out, "train_log.jsonl"), "a") if env.main else None
+        log_file = _JsonLines(join(out, "train_log.jsonl")) if env.main else None
         keys_file = open(keys_log, "a") if keys_log else None
         summary: dict[str, Any] = {"first_loss": state.first_loss, "loss": None}
         last_saved = state.step if resumed else -1
@@ -382,6 +414,7 @@ def train(
                     _log_step(log_file, run, state, loss, lr, window)
                     window = _Window()
                 if cfg.save_every and state.step % cfg.save_every == 0:
+                    _sync(log_file)  # the log first: records past a checkpoint are dropped on resume
                     _save(run, state)
                     last_saved = state.step
                 if cfg.eval.every and state.step % cfg.eval.every == 0:
@@ -393,6 +426,7 @@ def train(
                     raise _no_batch_error(run, state.epoch)
                 state.epoch += 1
                 state.positions, state.next_worker = [], []
+        _sync(log_file)
         summary["checkpoint"] = _save(run, state) if last_saved != state.step else latest_checkpoint(out)
     if keys_file:
         keys_file.close()
@@ -435,14 +469,19 @@ def _setup(
     total_steps = cfg.steps or max(cfg.epochs * steps_per_epoch, 1)
     state = TrainState()
     if env.main:
-        os.makedirs(out, exist_ok=True)
+        if wio.is_local(out):
+            os.makedirs(out, exist_ok=True)
+        else:
+            wio.makedirs(out)
+            for folder in (out, checkpoint_dir(out)):  # what a killed run's atomic writes left
+                wio.remove_stale_tmp(folder)
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt:
         state, _ = load_checkpoint(ckpt, raw_model, optimizer, scaler, layout)
         log.info("resumed from %s at step %d, epoch %d", ckpt, state.step, state.epoch)
     if env.main:  # the steps after the checkpoint are trained (and logged) again
         for name in ("train_log.jsonl", "eval.jsonl"):
-            _trim_records(os.path.join(out, name), state.step)
+            _trim_records(join(out, name), state.step)
     model = raw_model
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -573,8 +612,7 @@ def _log_step(log_file, run: _Run, state: TrainState, loss: float, lr: float, wi
         "samples_per_s_per_device": round(window.samples / window.t / run.env.world, 2),
         "data_wait": round(window.wait / window.t, 4),
     }
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
+    log_file.write(record)
     log.info(
         "step %(step)d epoch %(epoch)d loss %(loss).4f scale %(logit_scale).2f lr %(lr).2e "
         "%(samples_per_s).1f samples/s (%(samples_per_s_per_device).1f/device) "
@@ -630,24 +668,94 @@ def _save(run: _Run, state: TrainState) -> str | None:
 def _trim_records(path: str, step: int) -> None:
     """Keep the JSON lines of `path` up to `step` (a resumed run writes the later ones again);
     a torn last line (a killed run) goes too."""
-    if not os.path.exists(path):
-        return
+    lines = _read_lines(path)
     kept, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                ok = json.loads(line)["step"] <= step and line.endswith("\n")
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if ok:
-                kept.append(line)
-            else:
-                dropped += 1
+    for line in lines:
+        try:
+            ok = json.loads(line)["step"] <= step and line.endswith("\n")
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
     if dropped:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        if wio.is_local(path):
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        else:
+            wio.write_bytes("".join(kept).encode(), path)
         log.info("%s: dropped %d record(s) after step %d", path, dropped, step)
+
+
+def _read_lines(path: str) -> list[str]:
+    """The lines of a text file, local or remote, with their line ends ([] when absent)."""
+    if wio.is_local(path):
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return f.readlines()
+    try:
+        with wio.open_file(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    return data.decode("utf-8").splitlines(keepends=True)
+
+
+class _JsonLines:
+    """An append-only JSON-lines log. Local: a file opened for appending, flushed after every
+    record. Remote: an object store cannot append, so the lines are kept here and the whole
+    object is rewritten (atomically) by `sync`: after a record when `upload_every_s` has passed
+    since the last upload, before every checkpoint, and at the end; a run killed in between
+    loses only records after its last checkpoint, which a resumed run drops and writes again."""
+
+    def __init__(self, path: str, upload_every_s: float = 30.0) -> None:
+        self.path = path
+        self.local = wio.is_local(path)
+        self.upload_every_s = upload_every_s
+        self._file = open(path, "a") if self.local else None
+        self._lines = [] if self.local else _read_lines(path)
+        self._dirty = False
+        self._uploaded = -math.inf
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._uploaded >= self.upload_every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        if self._dirty:
+            wio.write_bytes("".join(self._lines).encode(), self.path)
+            self._dirty = False
+            self._uploaded = time.monotonic()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.sync()
+
+
+def _sync(log_file: _JsonLines | None) -> None:
+    if log_file is not None:
+        log_file.sync()
+
+
+def _append_record(path: str, record: dict[str, Any]) -> None:
+    """Append one JSON line to `path`; on an object store, the object is rewritten atomically."""
+    line = json.dumps(record) + "\n"
+    if wio.is_local(path):
+        with open(path, "a") as f:
+            f.write(line)
+    else:
+        wio.write_bytes(("".join(_read_lines(path)) + line).encode(), path)
 
 
 def _evaluate(run: _Run, step: int) -> dict[str, Any] | None:
@@ -674,8 +782,7 @@ def _evaluate(run: _Run, step: int) -> dict[str, Any] | None:
         )
         if result:
             result = {"step": step, **result}
-            with open(os.path.join(run.out, "eval.jsonl"), "a") as f:
-                f.write(json.dumps(result) + "\n")
+            _append_record(join(run.out, "eval.jsonl"), result)
             log.info("eval at step %d: %s", step, json.dumps(result))
     if env.world > 1:
         dist.barrier()

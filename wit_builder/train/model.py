@@ -59,8 +59,20 @@ def register_arch(name: str, arch: dict[str, Any]) -> None:
     open_clip.add_model_config(path)
 
 
-def resolve_weights(path: str) -> str:
-    """A local weights file: the file itself, or the weights inside a checkpoint dir of ours."""
+def resolve_weights(path: str, scratch: str | None = None) -> str:
+    """A local weights file: the file itself, or the weights inside a checkpoint dir of ours. A
+    URL (s3://...: a weights file or a checkpoint dir) is downloaded into the folder `scratch`."""
+    from wit_builder import io as wio
+
+    if not wio.is_local(path):
+        fs, inner = wio.filesystem(path)
+        if fs.isdir(inner):
+            path, inner = wio.join(path, WEIGHTS_FILE), f"{inner.rstrip('/')}/{WEIGHTS_FILE}"
+        if not fs.isfile(inner):
+            raise ConfigError(f"pretrained weights not found: {path}")
+        local = os.path.join(scratch or tempfile.mkdtemp(prefix="wit-weights-"), WEIGHTS_FILE)
+        fs.get_file(inner, local)
+        return local
     if os.path.isdir(path):
         path = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(path):
@@ -78,13 +90,14 @@ def build(mcfg, device: str = "cpu", pretrained: str = "") -> Built:
     if model_cfg is None:
         raise ConfigError(f"model.name {mcfg.name!r} is not an open_clip architecture and no model.arch is given")
     weights = pretrained or mcfg.pretrained
-    weights = resolve_weights(weights) if weights else None
-    try:
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            mcfg.name, pretrained=weights, device=device, output_dict=True
-        )
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"cannot build model {mcfg.name!r}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="wit-weights-") as scratch:  # a downloaded s3:// one
+        weights = resolve_weights(weights, scratch) if weights else None
+        try:
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                mcfg.name, pretrained=weights, device=device, output_dict=True
+            )
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot build model {mcfg.name!r}: {e}") from None
     if getattr(mcfg, "grad_checkpointing", False):
         model.set_grad_checkpointing(True)
     return Built(model, train_tf, eval_tf, open_clip.get_tokenizer(mcfg.name), model_cfg)
