@@ -66,10 +66,25 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
 
     On a cluster, this process's storage settings (`storage_env`) are passed to every worker
     of the run (Ray's runtime_env), so credentials and an endpoint set once, where `wit-build`
-    runs, reach the run dir from every node."""
+    runs, reach the run dir from every node. A SIGTERM handler the caller installed (wit-build:
+    SIGTERM = interrupt, clean up, exit 143) is kept: `ray.init` replaces it with its own
+    (sys.exit) and its core worker's crash handler (a stack dump, then abort)."""
+    import signal
+    import threading
+
     ray = _ray()
     if ray.is_initialized():
         return
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        _init(ray, address, num_cpus)
+    finally:
+        if callable(handler):  # one a caller installed; a default one stays Ray's
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init(ray, address: str | None, num_cpus: int | None) -> None:
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=True)
     if address:
         forwarded = storage_env()

@@ -229,19 +229,9 @@ def _context(pipeline: Pipeline, run_dir: str) -> StageContext:
 
 
 def _start_ray(pipeline: Pipeline, ray_address: str | None) -> None:
-    """Start (or connect to) Ray, keeping this process's SIGTERM handler: `ray.init` replaces
-    it with its own (sys.exit) and its core worker's crash handler (a stack dump, then abort),
-    which would bypass `wit-build`'s handler (SIGTERM = interrupt: clean up, exit 143)."""
-    import signal
-    import threading
-
     from wit_builder import parallel
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     parallel.init(address=ray_address, num_cpus=pipeline.run.num_cpus or None)
-    if callable(handler):  # one a caller installed (cli.main); a default one stays Ray's
-        signal.signal(signal.SIGTERM, handler)
 
 
 def retry_failed_downloads(pipeline: Pipeline, run_dir: str, ray_address: str | None = None) -> StageResult:
