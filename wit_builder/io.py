@@ -272,6 +272,18 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(inner, filesystem=fs, columns=columns)
 
 
+def parquet_schema(path: str) -> pa.Schema:
+    """The arrow schema of a parquet file, from its footer."""
+    with open_file(path, "rb") as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
+def parquet_num_rows(path: str) -> int:
+    """The row count of a parquet file, from its footer."""
+    with open_file(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def iter_parquet_batches(path: str, columns: list[str] | None = None, batch_size: int = 65536):
     """Stream a parquet file in record batches (bounded memory)."""
     with open_file(path, "rb") as f:

@@ -75,50 +75,48 @@ class Config:
 # ------------------------------------------------------------------ per-query arrays as files
 
 
-def save_arrays(directory: str, **arrays: np.ndarray) -> str:
-    """Write per-query arrays the workers read, under a name made of their content (workers
-    cache them by path, so a path never holds two contents); returns the path."""
+def _npz(**arrays: np.ndarray) -> bytes:
     import io as _io
 
     buf = _io.BytesIO()
     np.savez(buf, **arrays)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (local or fsspec), read whole."""
+    import io as _io
+
+    with io.open_file(path, "rb") as f:
+        data = np.load(_io.BytesIO(f.read()))
+        return {k: data[k] for k in data.files}
+
+
+def save_arrays(directory: str, **arrays: np.ndarray) -> str:
+    """Write per-query arrays the workers read, under a name made of their content (workers
+    cache them by path, so a path never holds two contents); returns the path."""
+    data = _npz(**arrays)
     path = io.join(directory, f"arrays-{hashlib.sha256(data).hexdigest()[:20]}.npz")
     if not io.exists(path):
         io.write_bytes(data, path)
     return path
 
 
-@functools.lru_cache(maxsize=4)
-def load_arrays(path: str) -> dict[str, np.ndarray]:
-    import io as _io
-
-    fs, inner = io.filesystem(path)
-    with fs.open(inner, "rb") as f:
-        data = np.load(_io.BytesIO(f.read()))
-        return {k: data[k] for k in data.files}
+load_arrays = functools.lru_cache(maxsize=4)(read_npz)  # per worker: the driver's arrays, by path
 
 
 def save_sparse(counts: np.ndarray, path: str) -> None:
     """A part's per-query counts, as (index, value) of the non-zero entries."""
-    import io as _io
-
     nz = np.flatnonzero(counts)
-    buf = _io.BytesIO()
-    np.savez(buf, index=nz.astype(np.int64), value=counts[nz])
-    io.write_bytes(buf.getvalue(), path)
+    io.write_bytes(_npz(index=nz.astype(np.int64), value=counts[nz]), path)
 
 
 def add_sparse(paths: list[str], size: int) -> np.ndarray:
     """The sum of the parts' sparse counts, read one part at a time."""
-    import io as _io
-
     total = np.zeros(size, dtype=np.int64)
     for path in paths:
-        fs, inner = io.filesystem(path)
-        with fs.open(inner, "rb") as f:
-            data = np.load(_io.BytesIO(f.read()))
-            total[data["index"]] += data["value"]  # indices are unique within a part
+        data = read_npz(path)
+        total[data["index"]] += data["value"]  # indices are unique within a part
     return total
 
 
@@ -169,7 +167,6 @@ def attributed_part(task: tuple[str, int, str, str]) -> dict[str, int]:
 def superset_part(task: tuple[str, int, str, str, int, str]) -> dict[str, int]:
     """Strict pass 3: (query, hash, uid) of the rows under each head query's draw threshold
     (`fraction` per query: 0 = none, >= 1 = all) -> `out` (npz)."""
-    import io as _io
 
     path, batch_rows, counts_file, fraction_file, seed, out = task
     counts, fraction = load_arrays(counts_file)["counts"], load_arrays(fraction_file)["fraction"]
@@ -185,9 +182,7 @@ def superset_part(task: tuple[str, int, str, str, int, str]) -> dict[str, int]:
         hs.append(h[take])
         us.append(uid64[take])
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-    buf = _io.BytesIO()
-    np.savez(buf, q=cat(qs, np.int64), h=cat(hs, np.uint64), u=cat(us, np.uint64))
-    io.write_bytes(buf.getvalue(), out)
+    io.write_bytes(_npz(q=cat(qs, np.int64), h=cat(hs, np.uint64), u=cat(us, np.uint64)), out)
     return {"rows": int(sum(len(q) for q in qs))}
 
 
@@ -225,7 +220,7 @@ def select_part(task: tuple[dict, str, str, str, int, str]) -> dict[str, int]:
             table = table.append_column("query_text", texts.take(pa.array(kept_q)))
             yield from table.to_batches()
 
-    out_schema = _output_schema(_parquet_schema(src))
+    out_schema = _output_schema(io.parquet_schema(src))
     # extra url-list columns may hold nulls: write every column as nullable
     nullable = pa.schema([f.with_nullable(True) for f in out_schema])
     rows_out = io.write_parquet_batches(batches(), dst, nullable)
@@ -246,14 +241,6 @@ def _query_texts(path: str, num_queries: int):
         inside = ids < num_queries
         texts[ids[inside]] = np.array(table.column("text").to_pylist(), dtype=object)[inside]
     return pa.array(texts, pa.string())
-
-
-def _parquet_schema(path: str):
-    import pyarrow.parquet as pq
-
-    fs, inner = io.filesystem(path)
-    with fs.open(inner, "rb") as f:
-        return pq.ParquetFile(f).schema_arrow
 
 
 def _output_schema(matched_schema):
@@ -311,7 +298,6 @@ def _num_queries(queries_path: str, parts: list[str], batch_rows: int) -> int:
 
 def strict_thresholds(passes: _Passes, cfg: Config, counts: np.ndarray, seed: int):
     """Strict passes 2-3: attributed counts, then exact per-query (hash, uid) thresholds."""
-    import io as _io
 
     quota = balancing.strict_quota(cfg.cap, cfg.oversample)
     counts_file = save_arrays(passes.work, counts=counts)
@@ -334,11 +320,8 @@ def strict_thresholds(passes: _Passes, cfg: Config, counts: np.ndarray, seed: in
             "balance: threshold",
         )
         qs, hs, us = [], [], []
-        for path in outs:
-            fs, inner = io.filesystem(path)
-            with fs.open(inner, "rb") as f:
-                data = np.load(_io.BytesIO(f.read()))
-                qs.append(data["q"]), hs.append(data["h"]), us.append(data["u"])
+        for data in map(read_npz, outs):
+            qs.append(data["q"]), hs.append(data["h"]), us.append(data["u"])
         q, h, u = np.concatenate(qs), np.concatenate(hs), np.concatenate(us)
         th, tu, have = balancing.kth_smallest_per_query(q, h, u, quota, len(counts))
         done = head & (have >= quota)

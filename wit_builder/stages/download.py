@@ -156,14 +156,6 @@ def selected_parts(selected_dir: str) -> list[str]:
     return [p for p in io.listdir(selected_dir, ".parquet") if os.path.basename(p).startswith("part-")]
 
 
-def _num_rows(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    fs, inner = io.filesystem(path)
-    with fs.open(inner, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 def plan_shards(parts: Sequence[str], shard_size: int) -> list[ShardSpec]:
     """Cut the concatenation of `parts` (in order) into shards of `shard_size` rows.
 
@@ -172,7 +164,7 @@ def plan_shards(parts: Sequence[str], shard_size: int) -> list[ShardSpec]:
     >>> _plan([("a", 3), ("b", 4)], 3)[1].pieces
     (('b', 0, 3),)
     """
-    return _plan([(p, _num_rows(p)) for p in parts], shard_size)
+    return _plan([(p, io.parquet_num_rows(p)) for p in parts], shard_size)
 
 
 def _plan(sizes: Sequence[tuple[str, int]], shard_size: int) -> list[ShardSpec]:

@@ -353,7 +353,7 @@ def match_part(matcher: Matcher, task: tuple[str, str, int]) -> dict[str, int]:
             table = pa.Table.from_batches([batch]).append_column("query_ids", lists)
             yield from table.filter(pa.array(keep)).to_batches()
 
-    out_schema = _output_schema(_parquet_schema(src))
+    out_schema = _output_schema(io.parquet_schema(src))
     # extra url-list columns may hold nulls: write every column as nullable
     nullable = pa.schema([f.with_nullable(True) for f in out_schema])
     rows_out = io.write_parquet_batches(batches(), dst, nullable)
@@ -366,14 +366,6 @@ def _output_schema(candidates_schema):
     for f in extra:
         out = out.append(f)
     return out
-
-
-def _parquet_schema(path: str):
-    import pyarrow.parquet as pq
-
-    fs, inner = io.filesystem(path)
-    with fs.open(inner, "rb") as f:
-        return pq.ParquetFile(f).schema_arrow
 
 
 def run(ctx: StageContext, cfg: Config) -> StageResult:
