@@ -88,12 +88,14 @@ def marker_path(marker_dir: str, name: str) -> str:
     return io.join(marker_dir, f"{name}.json")
 
 
+def finished_names(marker_dir: str) -> list[str]:
+    """The names of the finished parts of a pass (one listing, no cache, no marker read)."""
+    return [path.rsplit("/", 1)[-1][: -len(".json")] for path in io.listdir(marker_dir, ".json")]
+
+
 def finished(marker_dir: str) -> dict[str, Counts]:
-    """The counts of every finished part of a pass, by part name (one listing, no cache)."""
-    out: dict[str, Counts] = {}
-    for path in io.listdir(marker_dir, ".json"):
-        out[path.rsplit("/", 1)[-1][: -len(".json")]] = io.read_json(path)
-    return out
+    """The counts of every finished part of a pass, by part name."""
+    return {name: io.read_json(marker_path(marker_dir, name)) for name in finished_names(marker_dir)}
 
 
 def reset(marker_dir: str) -> None:

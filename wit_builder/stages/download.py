@@ -478,7 +478,7 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
         out_dir = ctx.stage_dir("download")
         fn = functools.partial(download_shard, cfg=cfg, out_dir=out_dir)
         step = _pass(ctx, cfg, "download", fn, desc="download", postfix=_progress_line)
-        done_before = len(executor.finished(step.marker_dir))
+        done_before = len(executor.finished_names(step.marker_dir))  # names only: no marker read
         counts = executor.run_pass(step, [executor.Part(s.name, s, s.rows) for s in specs], progress=ctx.progress)
     res = _result(counts.values(), t.seconds, {"shards": len(specs), "shards_skipped": done_before})
     expected = sum(s.rows for s in specs)
