@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages that some tests use, when we can (root + apt-get). Tests that need a
 # missing one skip themselves with the reason; nothing here is fatal.
-pkgs=(wordnet-base nginx-light)
+pkgs=(wordnet-base nginx-light chromium chromium-driver)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] && { echo "system packages: all present (${pkgs[*]})"; exit 0; }

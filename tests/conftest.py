@@ -32,6 +32,17 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """A 3-node Ray cluster on 127.0.0.1 (head + 2 workers, `ray start --block` processes, one
+    CPU each, token auth), shared by the tests that need one and stopped by its PIDs; see
+    tests/raycluster.py. `ray_cluster.client_env()` is the environment a client needs."""
+    from raycluster import LocalRayCluster
+
+    with LocalRayCluster(workers=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
 def static_server(tmp_path_factory):
     """Serve a temporary directory over HTTP on 127.0.0.1; yields (base_url, directory)."""
     from wit_builder.demo_server import serve_directory

@@ -122,23 +122,72 @@ def build_parser() -> argparse.ArgumentParser:
         "sql",
         help="run SQL (DuckDB) over the run's metadata",
         description="Views: queries, candidates, matched, selected, query_counts, samples "
-        "(every download attempt), filtered, kept, shards (one row per final sample).",
-        epilog='example:\n  wit-build sql runs/r1 "SELECT status, count(*) FROM samples GROUP BY 1"',
+        "(every download attempt), filtered, kept, shards (one row per final sample), dropped "
+        "(every selected sample that did not reach the shards: stage + reason). Read-only: "
+        "only SELECT/DESCRIBE/SUMMARIZE/EXPLAIN, and no file outside the run is read or written "
+        "(COPY, EXPORT, ATTACH, INSTALL, LOAD, read_text/read_csv of other files are refused, exit 2).",
+        epilog="examples:\n"
+        '  wit-build sql runs/r1 "SELECT status, count(*) FROM samples GROUP BY 1"\n'
+        "  wit-build sql runs/r1 --schema\n"
+        '  wit-build sql runs/r1 "SELECT stage, reason, count(*) FROM dropped GROUP BY ALL ORDER BY 3 DESC"\n'
+        '  wit-build sql runs/r1 "FROM shards" --format parquet --output shards.parquet',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="DIR")
-    p.add_argument("query", metavar="QUERY")
-    p.add_argument("--max-rows", type=_non_negative, default=50, help="rows to print (0 = all; default 50)")
+    p.add_argument("query", metavar="QUERY", nargs="?", help="SQL; optional with --schema")
+    p.add_argument("--schema", action="store_true", help="list every view with its columns and types")
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "parquet"],
+        default="table",
+        help="table (default; control characters escaped), csv, json (JSON Lines) or parquet (needs --output)",
+    )
+    p.add_argument(
+        "--output", metavar="FILE", help="write the result here (local path or fsspec URL) instead of stdout"
+    )
+    p.add_argument("--max-rows", type=_non_negative, default=50, help="table rows to print (0 = all; default 50)")
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="lift read-only mode: any statement, any file, extension installs (trusted use only)",
+    )
 
     p = sub.add_parser(
         "stats",
         help="write a report (HTML + PNG plots) of a run",
-        description="Stage funnel, drop reasons, query balance, download errors, image and "
-        "caption statistics, written to DIR/report/report.html.",
+        description="A grid of sample images with captions, stage funnel and time per stage, "
+        "drop reasons, samples removed for safety, top domains and their failure rates, error "
+        "types, image size and aspect histograms, per-query counts (before and after balancing, "
+        "after the final trim), caption lengths, and the commands that train on the shards; "
+        "written to DIR/report/report.html with PNG plots beside it.",
         epilog="example:\n  wit-build stats runs/r1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="DIR")
+
+    p = sub.add_parser(
+        "serve",
+        help="browse a run in a local web app (thumbnails, filters, per-query pages)",
+        description="A read-only web app over a run (local dir or s3://...): a grid of the "
+        "downloaded samples with caption, query, status and drop reason, filters and caption "
+        "search, one page per sample, and the per-query distribution before and after the cap.",
+        epilog="example:\n  wit-build serve runs/r1 --port 8000   # then open http://127.0.0.1:8000/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_non_negative, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument(
+        "--cache-dir",
+        help="where the run's index (a DuckDB file, built on the first serve of the run as it is, reused "
+        "after) is kept (default $XDG_CACHE_HOME/wit-builder/serve or ~/.cache/wit-builder/serve)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        default="1GB",
+        help="DuckDB memory limit while building the index and serving (default 1GB; the build spills "
+        "to disk beyond it)",
+    )
 
     p = sub.add_parser(
         "demo",
@@ -246,12 +295,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from wit_builder.catalog import format_table, query
+    from wit_builder.catalog import sql_command
 
     _check_run_dir(args.run_dir)
-    cols, rows = query(args.run_dir, args.query)
-    print(format_table(cols, rows, args.max_rows))
-    return 0
+    return sql_command(
+        args.run_dir,
+        args.query,
+        schema=args.schema,
+        fmt=args.format,
+        output=args.output,
+        max_rows=args.max_rows,
+        unsafe=args.unsafe,
+    )
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -260,6 +315,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     _check_run_dir(args.run_dir)
     print(write_report(args.run_dir))
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from wit_builder.serve import serve
+
+    _check_run_dir(args.run_dir)
+    return serve(args.run_dir, host=args.host, port=args.port, cache_dir=args.cache_dir, memory_limit=args.memory_limit)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -352,7 +414,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.pipeline is None:
             raise ConfigError(f"wit-build {args.command}: a pipeline TOML is required")
         return _cmd_run(args, [args.command])
-    commands = {"status": _cmd_status, "sql": _cmd_sql, "stats": _cmd_stats, "demo": _cmd_demo}
+    commands = {"status": _cmd_status, "sql": _cmd_sql, "stats": _cmd_stats, "serve": _cmd_serve, "demo": _cmd_demo}
     return commands[args.command](args) if args.command in commands else 2
 
 

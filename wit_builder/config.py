@@ -132,6 +132,10 @@ def resolve_paths(obj: Any, base_dir: str, where: str, check: bool = True) -> An
             changes[f.name] = resolved if many else resolved[0]
         elif is_dataclass(value):
             changes[f.name] = resolve_paths(value, base_dir, f"{where}.{f.name}", check)
+        elif isinstance(value, (list, tuple)) and value and all(is_dataclass(v) for v in value):
+            # a list of tables (e.g. [candidates] blocklists): each one's path fields too
+            items = [resolve_paths(v, base_dir, f"{where} key {f.name!r}[{i}]", check) for i, v in enumerate(value)]
+            changes[f.name] = items if isinstance(value, list) else tuple(items)
     return dataclasses.replace(obj, **changes)
 
 

@@ -7,7 +7,8 @@
    with embedded Ray: queries -> candidates -> match -> balance -> download -> filter -> shards;
 3. train a tiny randomly initialised CLIP for a few CPU steps on the shards and evaluate it
    zero-shot on a small labelled folder built from the demo photos;
-4. print a summary a person can read.
+4. write the report (`wit-build stats`) and print a summary a person can read, with the
+   report's path and the `wit-build serve` command that browses the run.
 
 Example:
     $ wit-build demo --out runs/demo
@@ -142,7 +143,10 @@ def _train(pipeline: Any, out: str) -> dict[str, Any] | None:
 
 
 def print_summary(out: str, results: dict[str, Any], training: dict[str, Any] | None) -> None:
+    import shlex
+
     from wit_builder.catalog import format_table, query
+    from wit_builder.report import write_report
 
     lines = ["", "=" * 72, f"wit-builder demo: {out}", "=" * 72, "rows per stage (in -> out, dropped by reason):"]
     for name, r in results.items():
@@ -163,5 +167,6 @@ def print_summary(out: str, results: dict[str, Any], training: dict[str, Any] | 
         lines.append(
             f"  ({training['steps']} steps of a random-init model: this shows the path works, not model quality)"
         )
+    lines += ["", f"report: {write_report(out)}", f"browse the run: wit-build serve {shlex.quote(out)}"]
     lines.append("=" * 72)
     print("\n".join(lines))

@@ -14,6 +14,9 @@ owns everything else, for every stage and every pass.
   `ConfigError` as itself: exit code 2), naming the part.
 - The markers' counts are returned in plan order; `sum_counts` adds them up for the
   StageResult, so a resumed pass reports what a fresh one would.
+- Progress moves as parts finish, and within a part when its function reports through
+  `wit_builder.progress.reporter().update(done=rows so far, **counts so far)` (the download
+  stage does); the postfix shows finished plus live counts.
 
 Stages never import Ray: they describe passes and call `run_pass`.
 
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wit_builder import io
+from wit_builder import progress as _progress
 from wit_builder.progress import bar
 
 Counts = dict[str, Any]
@@ -133,7 +137,8 @@ class _MarkedCall:
 
     def __call__(self, *args: Any) -> Counts:
         *state, part = args
-        counts = self.fn(*state, part.args) if self.with_state else self.fn(part.args)
+        with _progress.reporting(part.name):
+            counts = self.fn(*state, part.args) if self.with_state else self.fn(part.args)
         io.write_json(counts, marker_path(self.marker_dir, part.name))
         return counts
 
@@ -151,22 +156,22 @@ def run_pass(p: Pass, parts: Sequence[Part], *, progress: bool = True) -> dict[s
     call = _MarkedCall(p.fn, p.marker_dir, with_state=p.setup is not None)
     weight = sum(part.weight for part in parts)
     with bar(total=weight, desc=p.desc or p.name, unit=p.unit, enabled=progress) as pbar:
-        pbar.update(sum(part.weight for part in parts if part.name in done))
+        live = _LiveBar(pbar, {part.name: part.weight for part in parts}, p.postfix, totals)
+        live.advance(sum(part.weight for part in parts if part.name in done))
         for attempt in range(p.attempts):
             if not todo:
                 break
             if attempt:
                 time.sleep(p.backoff * 2 ** (attempt - 1))
             failed: list[tuple[Part, BaseException]] = []
-            for part, outcome in _dispatch(p, call, todo):
+            for part, outcome in _dispatch(p, call, todo, live.report if progress else None):
                 if isinstance(outcome, BaseException):
                     failed.append((part, outcome))
+                    live.drop(part.name)
                     continue
                 done[part.name] = outcome
                 totals = sum_counts([totals, outcome])
-                pbar.update(part.weight)
-                if p.postfix is not None:
-                    pbar.set_postfix_str(p.postfix(totals))
+                live.finish(part.name, outcome)
             todo = [part for part, _ in failed]
             last = failed[-1] if failed else None
     if todo and last is not None:
@@ -178,16 +183,60 @@ def run_pass(p: Pass, parts: Sequence[Part], *, progress: bool = True) -> dict[s
     return {n: done[n] for n in names}
 
 
-def _dispatch(p: Pass, call: _MarkedCall, todo: list[Part]) -> Iterable[tuple[Part, Any]]:
+class _LiveBar:
+    """The bar's position and postfix from finished parts plus the live reports of running ones."""
+
+    def __init__(self, pbar: Any, weights: dict[str, int], postfix: Callable[[Counts], str] | None, totals: Counts):
+        self.pbar, self.weights, self.postfix, self.totals = pbar, weights, postfix, totals
+        self.done_weight = self.pos = 0
+        self.live: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.finished: set[str] = set()
+
+    def advance(self, weight: int) -> None:
+        self.done_weight += weight
+        self._refresh()
+
+    def report(self, updates: Mapping[str, tuple[str, dict[str, Any]]]) -> None:
+        for name, (token, values) in updates.items():
+            if name in self.weights and name not in self.finished:
+                self.live[name] = (token, values)
+        self._refresh()
+
+    def drop(self, name: str) -> None:
+        self.live.pop(name, None)
+        self._refresh()
+
+    def finish(self, name: str, counts: Counts) -> None:
+        self.live.pop(name, None)
+        self.finished.add(name)
+        self.totals = sum_counts([self.totals, counts])
+        self.done_weight += self.weights[name]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        running = [v for _, v in self.live.values()]
+        pos = self.done_weight + sum(min(int(v.get("done", 0)), self.weights[n]) for n, (_, v) in self.live.items())
+        if pos != self.pos:
+            self.pbar.update(pos - self.pos)
+            self.pos = pos
+        if self.postfix is not None:
+            live = [{k: x for k, x in v.items() if k != "done"} for v in running]
+            self.pbar.set_postfix_str(self.postfix(sum_counts([self.totals, *live])))
+
+
+def _dispatch(
+    p: Pass, call: _MarkedCall, todo: list[Part], on_progress: Callable[..., None] | None = None
+) -> Iterable[tuple[Part, Any]]:
     """(part, counts or the transient exception that stopped it), as parts finish.
 
     A deterministic error is raised at once: ConfigError as itself, anything else as a
-    RuntimeError naming the part."""
+    RuntimeError naming the part. Live reports of running parts go to `on_progress`."""
     from wit_builder.config import ConfigError
 
     if p.local:
         state = (p.setup(),) if p.setup is not None else ()
-        results: Iterable[tuple[Part, Any]] = ((part, _call_local(call, state, part)) for part in todo)
+        sink = None if on_progress is None else (lambda part, token, values: on_progress({part: (token, values)}))
+        results: Iterable[tuple[Part, Any]] = ((part, _call_local(call, state, part, sink)) for part in todo)
     else:
         from wit_builder import parallel
 
@@ -211,6 +260,7 @@ def _dispatch(p: Pass, call: _MarkedCall, todo: list[Part]) -> Iterable[tuple[Pa
                 max_retries=p.task_retries,
                 max_in_flight=p.workers or None,
                 capture_errors=True,
+                on_progress=on_progress,
             )
     for part, outcome in results:
         if isinstance(outcome, BaseException) and not is_transient(outcome):
@@ -220,11 +270,14 @@ def _dispatch(p: Pass, call: _MarkedCall, todo: list[Part]) -> Iterable[tuple[Pa
         yield part, outcome
 
 
-def _call_local(call: _MarkedCall, state: tuple, part: Part) -> Any:
+def _call_local(call: _MarkedCall, state: tuple, part: Part, sink: _progress.Sink | None = None) -> Any:
+    _progress.set_sink(sink)
     try:
         return call(*state, part)
     except TRANSIENT as e:
         return e
+    finally:
+        _progress.set_sink(None)
 
 
 # I/O hiccups worth another round; a crashed or killed worker is retried by Ray itself

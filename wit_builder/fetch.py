@@ -7,24 +7,28 @@ What img2dataset's urllib fetch lacks and this module does:
 - a max-bytes cap (Content-Length checked first, then the streamed body), the body read into
   one buffer (sized from Content-Length when given) and handed on without a second copy;
 - redirects followed one hop at a time; each hop's scheme is checked, its host resolved once
-  (cached) and the connection made to exactly that checked IP (TLS still verifies the host
-  name), so DNS rebinding between the check and the connect is not possible;
+  (cached) and the connection made to exactly that checked IP (TLS SNI, certificate check and
+  the Host header keep the name), so DNS rebinding between the check and the connect is not
+  possible;
+- name resolution bounded by the same deadline (wit_builder.resolver: dnspython's stub
+  resolver with a lifetime, a per-process cache of positive and negative answers, one query
+  in flight per name), against `dns_servers` or the system's /etc/resolv.conf;
 - private, loopback, link-local, multicast and reserved addresses refused unless
   `allow_private_network` (or the address lies in `allowed_networks`);
-- a per-domain concurrency limit, a configurable user agent;
+- a per-domain concurrency limit, in the process (a semaphore) and across the processes of
+  the machine (wit_builder.hostslots: file locks), a configurable user agent;
 - opt-out `X-Robots-Tag` directives respected (noai, noimageai, noindex, noimageindex by
   default: the list img2dataset uses), optionally scoped to our user-agent token.
 
 Every failure is a short reason string: "bad_url", "bad_scheme", "private_address",
-"dns_error", "connection_refused", "connection_reset", "connection_error", "tls_error",
+"dns_error" (the name does not resolve), "dns_timeout" (no DNS answer before the deadline),
+"connection_refused", "connection_reset", "connection_error", "tls_error",
 "timeout", "http_404" (any non-2xx status), "redirect_loop", "too_many_redirects",
 "optout", "too_large".
 
-Known limits: DNS lookups use the system resolver in the calling thread; their own timeout
-(resolv.conf) applies, not the per-image deadline (results are cached per Fetcher). The TCP
-connect and the TLS handshake are bounded by socket timeouts set to the time left (the
-watchdog takes over once the connection is up). The per-domain limit holds per process (per
-download task), not across a cluster.
+Known limits: /etc/hosts is not read (names go to DNS). The TCP connect and the TLS
+handshake are bounded by socket timeouts set to the time left (the watchdog takes over once
+the connection is up). The per-domain limit holds per machine, not across a cluster.
 
 Example:
     >>> f = Fetcher(FetchSettings(timeout=2.0))
@@ -49,12 +53,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
+from wit_builder.hostslots import HostSlots
+from wit_builder.resolver import DnsFailure, Lookup, Resolver
+
 DEFAULT_OPTOUT = ("noai", "noimageai", "noindex", "noimageindex")
 _READ_SIZE = 1 << 16  # bytes asked for per body read (one system call at most)
 
 # failures worth another try later (`wit-build download --retry-failed`)
 TRANSIENT_ERRORS = frozenset(
-    {"timeout", "connection_reset", "connection_error", "connection_refused", "http_408", "http_429"}
+    {"timeout", "dns_timeout", "connection_reset", "connection_error", "connection_refused", "http_408", "http_429"}
 )
 
 
@@ -81,9 +88,11 @@ class FetchSettings:
     user_agent: str = "Mozilla/5.0 (compatible; wit-builder/0.1; image-text dataset builder)"
     user_agent_token: str = "wit-builder"  # matches "X-Robots-Tag: <token>: noai"
     disallowed_header_directives: tuple[str, ...] = DEFAULT_OPTOUT
-    max_per_domain: int = 16  # concurrent connections per host name, per process
+    max_per_domain: int = 16  # concurrent connections per host name, per machine
+    host_slots_dir: str = ""  # where the machine-wide per-host slots live ("" = hostslots.default_dir())
     verify_tls: bool = True
-    dns_ttl: float = 300.0
+    dns_ttl: float = 300.0  # longest time a DNS answer is kept (shorter when its own TTL is)
+    dns_servers: tuple[str, ...] = ()  # "IP" or "IP:PORT"; () = the system's /etc/resolv.conf
 
 
 @dataclass
@@ -178,15 +187,19 @@ def _quote_target(parts) -> str:
 class Fetcher:
     """Thread-safe fetcher with a DNS cache and per-domain limits; one per worker process.
 
-    `resolver(host, port) -> list of IP strings` may be swapped (tests use it to map names).
+    Names are resolved by a `wit_builder.resolver.Resolver` over `settings.dns_servers`; a
+    `resolver(host, port) -> list of IP strings` hook replaces DNS (tests map names with it;
+    its answers are cached per host name like DNS answers, an exception or [] is "dns_error").
     """
 
     def __init__(self, settings: FetchSettings, resolver: Callable[[str, int], list[str]] | None = None):
         self.s = settings
-        self._resolver = resolver or _system_resolve
-        self._dns: dict[tuple[str, int], tuple[float, list[str] | None]] = {}
-        self._dns_lock = threading.Lock()
+        lookup = None
+        if resolver is not None:
+            lookup = _hook_lookup(resolver, settings.dns_ttl)
+        self.resolver = Resolver(settings.dns_servers, ttl=settings.dns_ttl, lookup=lookup)
         self._domain_sems: dict[str, threading.BoundedSemaphore] = {}
+        self._slots = HostSlots(settings.max_per_domain, settings.host_slots_dir or None)
         self._sem_lock = threading.Lock()
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks]
         self._directives = {d.strip().lower() for d in settings.disallowed_header_directives}
@@ -215,28 +228,16 @@ class Fetcher:
             return True
         return addr.is_global and not addr.is_multicast
 
-    def _resolve(self, host: str, port: int) -> str:
+    def _resolve(self, host: str, port: int, deadline: float) -> str:
         try:
             ipaddress.ip_address(host)
             return host
         except ValueError:
             pass
-        key = (host, port)
-        now = time.monotonic()
-        with self._dns_lock:
-            hit = self._dns.get(key)
-        if hit is None or hit[0] < now:
-            try:
-                ips = self._resolver(host, port) or None
-            except (socket.gaierror, UnicodeError, OSError):
-                ips = None
-            ttl = self.s.dns_ttl if ips else min(self.s.dns_ttl, 30.0)
-            with self._dns_lock:
-                self._dns[key] = (now + ttl, ips)
-            hit = (now + ttl, ips)
-        if not hit[1]:
-            raise _Failure("dns_error")
-        return hit[1][0]
+        try:
+            return self.resolver.resolve(host, deadline)[0]
+        except DnsFailure as f:
+            raise _Failure(f.reason) from None
 
     def _domain_sem(self, host: str) -> threading.BoundedSemaphore:
         with self._sem_lock:
@@ -256,10 +257,10 @@ class Fetcher:
             for hop in range(self.s.max_redirects + 1):
                 result.hops = hop
                 parts, host, port = self._check_url(current)
-                with self._domain_sem(host):
+                with self._domain_sem(host), self._slots.hold(host):
                     if deadline is None:
                         deadline = time.monotonic() + self.s.timeout
-                    ip = self._resolve(host, port)
+                    ip = self._resolve(host, port, deadline)
                     if not self.ip_allowed(ip):
                         raise _Failure("private_address")
                     visited.add(current)
@@ -398,8 +399,10 @@ def _set_timeout(sock: socket.socket, deadline: float) -> None:
         pass
 
 
-def _system_resolve(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
-    v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
-    return v4 + v6
+def _hook_lookup(hook: Callable[[str, int], list[str]], ttl: float) -> Lookup:
+    """A resolver Lookup from a `(host, port) -> [ip, ...]` hook (its port: 0, unknown)."""
+
+    def lookup(host: str, lifetime: float) -> tuple[list[str], float]:
+        return list(hook(host, 0) or []), ttl
+
+    return lookup

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -87,6 +88,7 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
 def _init(ray, address: str | None, num_cpus: int | None) -> None:
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=True)
     if address:
+        check_cluster_auth(address)
         forwarded = storage_env()
         if forwarded:
             kwargs["runtime_env"] = {"env_vars": forwarded}
@@ -94,6 +96,85 @@ def _init(ray, address: str | None, num_cpus: int | None) -> None:
     else:  # embedded: always a private local instance, whatever RAY_ADDRESS or a `ray start`
         # on this host says; quiet (its start-up warnings, e.g. about token auth, mean nothing here)
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), logging_level=logging.ERROR, **kwargs)
+
+
+# Run in a child process: Ray's GCS client prints its own warnings and, for an address where
+# nothing answers, blocks for tens of seconds; a child keeps both out of `wit-build`.
+_AUTH_PROBE = """
+import sys
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    GcsClient(address=sys.argv[1])
+except AuthenticationError:
+    print("refused")
+except Exception:
+    print("unknown")
+else:
+    print("ok")
+"""
+
+
+def check_cluster_auth(address: str, timeout: float = 20) -> None:
+    """Raise a ConfigError saying exactly what to set when the Ray cluster at `address` refuses
+    this process for want of its token (Ray 2.60's `ray start --head` turns token auth on with
+    RAY_AUTH_MODE=token, or unasked when the head machine has a token); `ray.init` would print
+    InvalidAuthToken warnings for ~20 s, then raise an unexplained ConnectionError. Anything
+    else (no cluster there, a `ray://` Ray Client address) is left to `ray.init` to report.
+
+    >>> check_cluster_auth("ray://head:10001")  # not probed: Ray Client checks its own
+    """
+    import subprocess
+    import sys
+
+    from wit_builder.config import ConfigError
+
+    if address.startswith("ray://"):
+        return
+    _ray()  # Ray's environment defaults, before its address helpers are imported
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        gcs = canonicalize_bootstrap_address(address)
+    except Exception:  # e.g. "auto" with no cluster recorded: ray.init says so
+        return
+    if not gcs:
+        return
+    env = {**os.environ, "RAY_py_gcs_connect_timeout_s": "5"}
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _AUTH_PROBE, gcs], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return
+    if probe.stdout.strip() == "refused":
+        raise ConfigError(auth_hint(address, gcs, os.environ))
+
+
+def auth_hint(address: str, gcs: str, environ: dict[str, str] | os._Environ) -> str:
+    """What to set when the cluster at `gcs` (from --ray-address `address`) refused us.
+
+    >>> print(auth_hint("auto", "10.0.0.5:6379", {}))  # doctest: +NORMALIZE_WHITESPACE
+    --ray-address auto: the Ray cluster at 10.0.0.5:6379 requires token authentication: set
+    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (or RAY_AUTH_TOKEN_PATH=<a file
+    holding it>, default ~/.ray/auth_token) where wit-build runs; `ray get-auth-token` on the
+    head node prints the token
+    """
+    where = f"--ray-address {address}: the Ray cluster" + (f" at {gcs}" if address == "auto" else "")
+    tail = "where wit-build runs; `ray get-auth-token` on the head node prints the token"
+    if environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (
+            f"{where} requires token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the "
+            "cluster's token> (or RAY_AUTH_TOKEN_PATH=<a file holding it>, default ~/.ray/auth_token) " + tail
+        )
+    source = (
+        "RAY_AUTH_TOKEN"
+        if environ.get("RAY_AUTH_TOKEN")
+        else f"the file {environ['RAY_AUTH_TOKEN_PATH']} (RAY_AUTH_TOKEN_PATH)"
+        if environ.get("RAY_AUTH_TOKEN_PATH")
+        else "~/.ray/auth_token (no RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set)"
+    )
+    return f"{where} refused the token from {source}: set RAY_AUTH_TOKEN=<the cluster's token> " + tail
 
 
 def shutdown() -> None:
@@ -118,18 +199,23 @@ def map_tasks(
     num_cpus: float = 1,
     unit: str = "part",
     capture_errors: bool = False,
+    on_progress: Callable[[dict[str, tuple[str, dict]]], None] | None = None,
 ) -> Iterator[tuple[T, R]]:
     """Run `fn(item)` as Ray tasks; yield (item, result) as they finish.
 
     `fn` may be any picklable callable (a `functools.partial` included); it is shipped once.
     A task whose worker dies is retried `max_retries` times; an exception raised by `fn` is not
     retried here: it is raised (see `_get`), or with `capture_errors` yielded as the result.
+    With `on_progress`, what tasks report through `wit_builder.progress.reporter()` is
+    gathered by a small actor and passed on about once a second, as {part: (token, values)}.
     """
     ray = _ray()
     init()
     name = _name_of(fn)
     remote = ray.remote(_apply).options(max_retries=max_retries, retry_exceptions=False, num_cpus=num_cpus, name=name)
     fn_ref = ray.put(fn)
+    sink = ray.remote(num_cpus=0)(_ProgressSink).remote() if on_progress is not None else None
+    last_drain = time.monotonic()
     limit = max_in_flight or max(1, cluster_cpus() * 2)
     pending: dict[Any, T] = {}
     queue = list(items)
@@ -139,8 +225,15 @@ def map_tasks(
             while queue or pending:
                 while queue and len(pending) < limit:
                     item = queue.pop()
-                    pending[remote.remote(fn_ref, item)] = item
-                done, _ = ray.wait(list(pending), num_returns=1)
+                    pending[remote.remote(fn_ref, item, sink)] = item
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=None if sink is None else 1.0)
+                if sink is not None and time.monotonic() - last_drain >= 1.0:
+                    last_drain = time.monotonic()
+                    try:
+                        updates = ray.get(sink.drain.remote(), timeout=10)
+                    except ray.exceptions.RayError:  # progress is never worth failing the pass for
+                        updates = {}
+                    on_progress(updates)  # type: ignore[misc]
                 for ref in done:
                     item = pending.pop(ref)
                     yield item, _get(ray, ref, name, capture_errors)
@@ -148,6 +241,8 @@ def map_tasks(
     finally:  # the caller stopped early (an error): tasks still in flight are not left running
         for ref in pending:
             ray.cancel(ref)
+        if sink is not None:
+            ray.kill(sink)
 
 
 def is_worker_death(error: BaseException) -> bool:
@@ -195,8 +290,30 @@ def _name_of(fn: Callable) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-def _apply(fn: Callable[[T], R], item: T) -> R:
-    return fn(item)
+def _apply(fn: Callable[[T], R], item: T, sink: Any = None) -> R:
+    if sink is None:
+        return fn(item)
+    from wit_builder import progress
+
+    progress.set_sink(lambda part, token, values: sink.put.remote(part, token, values))
+    try:
+        return fn(item)
+    finally:
+        progress.set_sink(None)
+
+
+class _ProgressSink:
+    """The latest report of each part's current attempt, until the driver drains them."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[str, dict]] = {}
+
+    def put(self, part: str, token: str, values: dict) -> None:
+        self.latest[part] = (token, values)
+
+    def drain(self) -> dict[str, tuple[str, dict]]:
+        out, self.latest = self.latest, {}
+        return out
 
 
 class _Worker:
@@ -225,28 +342,36 @@ def map_actors(
 
     Yields (item, result) as they finish; at most two items in flight per actor, so `items`
     may be a lazy stream. `num_gpus` reserves GPUs per actor (Ray hides GPUs from actors
-    that reserve none). A dead actor is restarted and its call retried; errors as in `map_tasks`.
+    that reserve none). Never more actors than the cluster has CPUs (each reserves one): an
+    actor Ray cannot place would hold its items forever. A dead actor (its process or its node
+    died) is not restarted, as a restart with no free CPU would wait forever: its items in
+    flight come back as Ray's error (retried by the caller, see wit_builder.executor), later
+    items go to the live actors, and when none is left the rest come back with that error too.
+    Other errors as in `map_tasks`.
     """
     ray = _ray()
     init()
-    n = max(1, num_actors or cluster_cpus())
-    actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=2, max_task_retries=2)(_Worker)
+    cpus = cluster_cpus()
+    n = max(1, min(num_actors or cpus, cpus))
+    actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=0, max_task_retries=0)(_Worker)
     actors = [actor_cls.remote(setup, fn) for _ in range(n)]
     name = _name_of(fn)
     try:
         it = iter(items)
         pending: dict[Any, tuple[T, int]] = {}
         load = [0] * n
+        live = set(range(n))
+        death: BaseException | None = None
         exhausted = False
         with bar(total=total, desc=desc, unit=unit, enabled=progress) as pbar:
             while True:
-                while not exhausted and min(load) < 2:
+                while not exhausted and live and min(load[a] for a in live) < 2:
                     try:
                         item = next(it)
                     except StopIteration:
                         exhausted = True
                         break
-                    a = load.index(min(load))
+                    a = min(live, key=load.__getitem__)
                     pending[actors[a].call.remote(item)] = (item, a)
                     load[a] += 1
                 if not pending:
@@ -255,7 +380,15 @@ def map_actors(
                 for ref in done:
                     item, a = pending.pop(ref)
                     load[a] -= 1
-                    yield item, _get(ray, ref, name, capture_errors)
+                    result = _get(ray, ref, name, capture_errors)
+                    if isinstance(result, BaseException) and is_worker_death(result):
+                        live.discard(a)
+                        death = result
+                    yield item, result
+                    pbar.update(1)
+            if not exhausted and death is not None:  # every actor died: the rest fail alike
+                for item in it:
+                    yield item, death  # type: ignore[misc]
                     pbar.update(1)
     finally:
         for actor in actors:

@@ -15,6 +15,17 @@ Three steps per downloaded body:
    "keep_ratio", "center_crop", "border", "keep_ratio_largest"; encode format jpg/png/webp and
    quality) does the resize and the encode; a decode failure is "decode_error".
 
+Privacy: every stored image is re-encoded by OpenCV from decoded pixels (the Resizer is built
+with skip_reencode=False, and our own normalisation writes a BMP), so nothing of the source
+file's metadata reaches the tar: no EXIF (GPS, camera, dates), XMP, IPTC, ICC profile or
+comment, also when the image is not resized (checked by tests/test_exif.py). With
+`keep_metadata=True` (download key of the same name) the source's EXIF (orientation reset to
+1, the pixels are already upright), XMP, ICC profile and comment are copied into the stored
+JPEG as their own segments (jpg output only).
+
+Faces: with a `FaceBlurrer` (wit_builder.faces) the Resizer calls it on the resized pixels
+right before encoding, and `Resized.faces` says how many faces were blurred.
+
 img2dataset's Resizer swaps process-wide stdout/stderr file descriptors on every call, so
 calls are serialised by a lock here (the download stage resizes on one thread per task, as
 img2dataset does).
@@ -41,7 +52,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 ResizeMode = Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"]
 EncodeFormat = Literal["jpg", "png", "webp"]
@@ -92,6 +103,7 @@ class Resized:
     height: int
     original_width: int
     original_height: int
+    faces: int | None = None  # faces blurred; None when face blurring is off
 
 
 class ImageRejected(Exception):
@@ -251,18 +263,123 @@ _RESIZE_LOCK = threading.Lock()
 
 
 class ImageResizer:
-    """img2dataset's Resizer behind our settings; call it with `prepare`d bytes."""
+    """img2dataset's Resizer behind our settings; call it with `prepare`d bytes.
 
-    def __init__(self, settings: ResizeSettings):
+    `blurrer`: a wit_builder.faces.FaceBlurrer run on the resized pixels before encoding.
+    `keep_metadata`: copy the source's metadata into the stored JPEG (pass `original`).
+    """
+
+    def __init__(self, settings: ResizeSettings, blurrer: Any = None, keep_metadata: bool = False):
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         from img2dataset.resizer import Resizer
 
+        if keep_metadata and settings.encode_format != "jpg":
+            raise ValueError("keep_metadata needs encode_format 'jpg'")
         self.settings = settings
-        self._resizer = Resizer(**dataclasses.asdict(settings))  # the same keyword names
+        self.blurrer = blurrer
+        self.keep_metadata = keep_metadata
+        self._resizer = Resizer(**dataclasses.asdict(settings), blurrer=blurrer)  # the same keyword names
 
-    def __call__(self, prepared: bytes) -> Resized:
+    def __call__(self, prepared: bytes, original: bytes | None = None) -> Resized:
         with _RESIZE_LOCK:
-            img, width, height, ow, oh, err = self._resizer(io.BytesIO(prepared))
+            if self.blurrer is not None:
+                self.blurrer.faces = 0
+            img, width, height, ow, oh, err = self._resizer(
+                io.BytesIO(prepared), blurring_bbox_list=[] if self.blurrer is not None else None
+            )
+            faces = self.blurrer.faces if self.blurrer is not None else None
         if err is not None or img is None:
             raise ImageRejected("decode_error")
-        return Resized(img, int(width), int(height), int(ow), int(oh))
+        if self.keep_metadata and original is not None:
+            img = copy_metadata(original, img)
+        return Resized(img, int(width), int(height), int(ow), int(oh), faces)
+
+
+# -- metadata --------------------------------------------------------------------------------
+
+_XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"
+_ICC_ID = b"ICC_PROFILE\x00"
+
+
+def _segment(marker: int, payload: bytes) -> list[bytes]:
+    """JPEG segments (0xFF, marker, 2-byte length, payload); over-long payloads are dropped."""
+    if len(payload) + 2 > 0xFFFF:
+        return []
+    return [bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload]
+
+
+def _icc_segments(icc: bytes) -> list[bytes]:
+    """An ICC profile as numbered APP2 chunks (the ICC spec's way for profiles over 64 KB)."""
+    step = 0xFFFF - 2 - len(_ICC_ID) - 2
+    chunks = [icc[i : i + step] for i in range(0, len(icc), step)][:255]
+    out: list[bytes] = []
+    for n, chunk in enumerate(chunks, 1):
+        out += _segment(0xE2, _ICC_ID + bytes([n, len(chunks)]) + chunk)
+    return out
+
+
+def copy_metadata(original: bytes, jpeg: bytes) -> bytes:
+    """`jpeg` with the EXIF (orientation set to 1), XMP, ICC profile and comment of `original`
+    (any format Pillow reads) inserted right after its SOI marker."""
+    Image = _pil()
+    try:
+        with Image.open(io.BytesIO(original)) as im:
+            info = dict(im.info)
+            exif = im.getexif()
+    except Exception:
+        return jpeg
+    segments: list[bytes] = []
+    if len(exif):
+        exif[0x0112] = 1  # the stored pixels are already upright
+        segments += _segment(0xE1, b"Exif\x00\x00" + exif.tobytes())
+    xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
+    if xmp:
+        segments += _segment(0xE1, _XMP_ID + (xmp.encode() if isinstance(xmp, str) else xmp))
+    if info.get("icc_profile"):
+        segments += _icc_segments(info["icc_profile"])
+    comment = info.get("comment")
+    if comment:
+        segments += _segment(0xFE, comment.encode() if isinstance(comment, str) else comment)
+    return jpeg[:2] + b"".join(segments) + jpeg[2:] if segments and jpeg[:2] == b"\xff\xd8" else jpeg
+
+
+def metadata_markers(data: bytes) -> list[str]:
+    """What an image file carries beyond pixels: JPEG APP1-APP15 and COM segments ("APP1:Exif",
+    "APP1:XMP", "APP2:ICC", "COM", ...), PNG text/exif/ICC chunks, WebP EXIF/XMP/ICCP chunks.
+
+    >>> metadata_markers(b"\\xff\\xd8\\xff\\xe0\\x00\\x04JF\\xff\\xda")
+    []
+    """
+    out: list[str] = []
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(data) and data[pos] == 0xFF:
+            marker = data[pos + 1]
+            if marker in (0xDA, 0xD9):  # start of scan / end of image: no more headers
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            body = data[pos + 4 : pos + 2 + length]
+            if 0xE1 <= marker <= 0xEF:
+                kind = "Exif" if body.startswith(b"Exif") else "XMP" if body.startswith(_XMP_ID[:20]) else ""
+                kind = "ICC" if body.startswith(_ICC_ID) else kind
+                out.append(f"APP{marker - 0xE0}" + (f":{kind}" if kind else ""))
+            elif marker == 0xFE:
+                out.append("COM")
+            pos += 2 + length
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        pos = 8
+        while pos + 8 <= len(data):
+            length = int.from_bytes(data[pos : pos + 4], "big")
+            kind = data[pos + 4 : pos + 8].decode("latin-1")
+            if kind in ("tEXt", "zTXt", "iTXt", "eXIf", "iCCP", "tIME"):
+                out.append(kind)
+            pos += 12 + length
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        pos = 12
+        while pos + 8 <= len(data):
+            kind = data[pos : pos + 4].decode("latin-1")
+            length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+            if kind in ("EXIF", "XMP ", "ICCP"):
+                out.append(kind.strip())
+            pos += 8 + length + (length & 1)
+    return out

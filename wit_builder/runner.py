@@ -3,7 +3,8 @@
 Each stage's output dir holds `_FINGERPRINT.json` (written when the stage starts) and
 `_SUCCESS.json` (written when it finishes, with its StageResult). A stage's fingerprint hashes
 its own config, the seed, its input files (path, size, mtime) for the stages that read user
-input, and the fingerprint of the stage before it — so a change anywhere redoes that stage and
+input, the sha256 of the files a stage's `input_digests(cfg)` names (its blocklists), and the
+fingerprint of the stage before it — so a change anywhere redoes that stage and
 everything after it, and an unchanged finished stage is never redone.
 While stages run, the run holds the run dir's lease (`_LOCK.json`, wit_builder/lease.py): a
 second run on the same dir is refused until this one ends.
@@ -61,6 +62,10 @@ def fingerprints(pipeline: Pipeline) -> dict[str, str]:
             "inputs": _input_files(pipeline.stages[name]),
             "prev": prev,
         }
+        module, cfg = stage_module(name), pipeline.stages[name]
+        digests = getattr(module, "input_digests", None)  # content hashes of inputs (safety lists)
+        if digests is not None and isinstance(cfg, module.Config) and (listed := digests(cfg)):
+            payload["digests"] = listed
         prev = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
         out[name] = prev
     return out

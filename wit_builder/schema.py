@@ -67,6 +67,13 @@ SAMPLES = pa.schema(
     ]
 )
 
+# Written by the download stage after SAMPLES' columns; absent from runs made before them.
+SAMPLES_EXTRA = pa.schema(
+    [
+        pa.field("faces_blurred", pa.int32()),  # faces blurred in the stored image; null = blurring off
+    ]
+)
+
 # filtered/{shard}.parquet: one row per successful download; drop_reason null = kept.
 FILTERED = pa.schema(
     [
@@ -92,5 +99,7 @@ SHARD_SAMPLES = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("sha256", pa.string()),
         pa.field("clip_score", pa.float32()),
+        pa.field("nsfw_score", pa.float32()),  # null unless [filter] nsfw is on
+        pa.field("faces_blurred", pa.int32()),  # null unless [download] blur_faces was on
     ]
 )

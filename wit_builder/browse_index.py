@@ -1,0 +1,337 @@
+"""The browser's index of a run: a DuckDB database file in a local cache, built once per state of
+the run and reused by every later `wit-build serve` of it.
+
+It holds `browse` (a row per download attempt with its fate; see wit_builder/browse.py), `keys`
+(key -> query_id in key order), `qtext` (query texts), `qstats` (one row per query) and `meta`.
+The file is named after the run's path and a fingerprint of the files the index is made from
+(the name, size and modification time or ETag of every file in download/, filtered/,
+shards/metadata/, shards/, selected/ and queries/, and the contents of their `_SUCCESS.json`),
+so a stage that finishes, reruns or writes another file makes a new index and the old one is
+deleted. It lives under `cache_dir` (default `$XDG_CACHE_HOME/wit-builder/serve`, i.e.
+`~/.cache/wit-builder/serve`), never in the run directory, which may be read-only or on an
+object store.
+
+The build streams: DuckDB runs it under `memory_limit` and spills its joins and sort to a temp
+directory beside the cache file instead of growing, and writes a temporary file that is renamed
+into place only when complete (a build killed midway leaves no index that looks finished; its
+leftovers are removed by the next build of that run).
+
+Example:
+    >>> path, built = ensure_index("runs/demo", log=print)            # doctest: +SKIP
+    indexing 1,204 sample rows of runs/demo into ~/.cache/wit-builder/serve/3f...duckdb
+    ...
+    >>> ensure_index("runs/demo")                                    # doctest: +SKIP
+    ('/root/.cache/wit-builder/serve/3f2a...-91bc....duckdb', False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from wit_builder import io
+from wit_builder.config import ConfigError
+
+# bump when the tables' layout or meaning changes: every older index is then rebuilt
+INDEX_VERSION = 1
+DEFAULT_MEMORY_LIMIT = "1GB"
+# the run's folders whose files the index is made from (catalog.VIEWS' samples, filtered,
+# shards, query_counts, queries; shards/_SUCCESS.json for why a sample is missing)
+FINGERPRINT_FOLDERS = ("download", "filtered", "shards/metadata", "shards", "selected", "queries")
+SUCCESS = "_SUCCESS.json"
+
+
+def default_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/wit-builder/serve`, or `~/.cache/wit-builder/serve`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "wit-builder", "serve")
+
+
+def run_id(run_dir: str) -> str:
+    """The run as the cache names it: an absolute local path, or the URL as given.
+
+    >>> run_id("s3://bucket/r1/")
+    's3://bucket/r1'
+    """
+    if io.is_local(run_dir):
+        return os.path.realpath(run_dir.removeprefix("file://"))
+    return run_dir.rstrip("/")
+
+
+def fingerprint(run_dir: str) -> str:
+    """A hash of what the index is made from: one listing per folder of FINGERPRINT_FOLDERS
+    (name, size, mtime or ETag of each file) and the contents of each `_SUCCESS.json`."""
+    import duckdb
+
+    fs, root = io.filesystem(run_dir)
+    h = hashlib.sha256(f"{INDEX_VERSION}\0{duckdb.__version__}\0{run_id(run_dir)}".encode())
+    for folder in FINGERPRINT_FOLDERS:
+        try:
+            entries = fs.ls(f"{root.rstrip('/')}/{folder}", detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        for e in sorted((e for e in entries if e.get("type") == "file"), key=lambda e: e["name"]):
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            stamp = e.get("mtime") or e.get("LastModified") or e.get("ETag") or e.get("etag") or ""
+            h.update(f"\0{folder}/{name}\0{e.get('size')}\0{stamp}".encode())
+            if name == SUCCESS:
+                with fs.open(e["name"], "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def _run_prefix(run_dir: str) -> str:
+    return hashlib.sha256(run_id(run_dir).encode()).hexdigest()[:16]
+
+
+def index_path(run_dir: str, cache_dir: str | None = None) -> str:
+    """Where the index of the run as it is now lies (or will): CACHE/<run hash>-<fingerprint>.duckdb."""
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    return os.path.join(cache_dir, f"{_run_prefix(run_dir)}-{fingerprint(run_dir)[:24]}.duckdb")
+
+
+def ensure_index(
+    run_dir: str,
+    cache_dir: str | None = None,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    log: Callable[[str], None] | None = None,
+) -> tuple[str, bool]:
+    """(path of the run's index, whether it was built now): the cached one when the run has not
+    changed since it was built, else a new one (and the run's older indexes are deleted)."""
+    path = index_path(run_dir, cache_dir)
+    if os.path.exists(path):
+        if log:
+            built = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+            log(f"using the index {path} (built {built}; the run has not changed since)")
+        return path, False
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cache-dir: cannot create {os.path.dirname(path)}: {e.strerror or e}") from None
+    build_index(run_dir, path, memory_limit=memory_limit, log=log)
+    _remove_older(path)
+    return path, True
+
+
+def _remove_older(path: str) -> None:
+    """Delete the run's other indexes (older states of it) and the leftovers of dead builds."""
+    prefix = os.path.basename(path).split("-", 1)[0]
+    for other in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), prefix + "-*")):
+        if other == path:
+            continue
+        pid = _builder_pid(other)
+        if other.endswith(".duckdb") or (pid is not None and not _alive(pid)):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(other) if os.path.isdir(other) else os.remove(other)
+
+
+def _builder_pid(name: str) -> int | None:
+    """The pid in a build's temporary name (`<index>.tmp-<pid>-<id>...`), else None."""
+    if ".tmp-" not in name:
+        return None
+    try:
+        return int(name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sql_str(s: str) -> str:
+    return s.replace("'", "''")
+
+
+def build_index(
+    run_dir: str, path: str, memory_limit: str = DEFAULT_MEMORY_LIMIT, log: Callable[[str], None] | None = None
+) -> None:
+    """Write the run's index to `path` (through a temporary file renamed into place), reading the
+    run's views once, under DuckDB's `memory_limit` with spilling to a temp directory."""
+    import duckdb
+
+    from wit_builder.catalog import connect
+
+    say = log or (lambda _msg: None)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    spill = tmp + ".spill"
+    con = connect(run_dir, unsafe=True)  # only this function's own SQL runs on it
+    try:
+        try:
+            con.execute(f"SET memory_limit = '{_sql_str(memory_limit)}'")
+        except duckdb.Error as e:
+            raise ConfigError(
+                f"memory-limit: {memory_limit!r} is not a DuckDB memory size (e.g. 1GB, 512MB): {e}"
+            ) from None
+        started = time.monotonic()
+        try:
+            has_samples, has_lang = _build_tables(con, run_dir, path, tmp, spill, memory_limit, say)
+        except duckdb.OutOfMemoryException as e:
+            raise ConfigError(
+                f"memory-limit: indexing the run needs more than {memory_limit} (raise --memory-limit): "
+                + str(e).splitlines()[0]
+            ) from None
+        meta = {"run_dir": run_id(run_dir), "has_samples": has_samples, "has_lang": has_lang, "version": INDEX_VERSION}
+        con.execute("CREATE TABLE bx.meta AS SELECT ? AS json", [json.dumps(meta)])
+        con.execute("DETACH bx")
+        con.close()
+        os.replace(tmp, path)
+        say(f"done in {time.monotonic() - started:.1f} s ({os.path.getsize(path) / 2**20:.0f} MiB)")
+    finally:
+        con.close()
+        for leftover in (tmp, tmp + ".wal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _build_tables(
+    con: Any, run_dir: str, path: str, tmp: str, spill: str, memory_limit: str, say: Callable[[str], None]
+) -> tuple[bool, bool]:
+    """Attach `tmp` as bx and write the tables into it; returns (has_samples, has_lang)."""
+    con.execute(f"SET temp_directory = '{_sql_str(spill)}'")
+    con.execute("SET preserve_insertion_order = false")  # lets DuckDB stream where order does not matter
+    # DuckDB's own progress bar for the long steps, on a terminal only (not in logs)
+    con.execute(f"SET enable_progress_bar = {str(sys.stdout.isatty()).lower()}")
+    con.execute(f"ATTACH '{_sql_str(tmp)}' AS bx")
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    views |= {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT internal").fetchall()}
+    has_samples = "samples" in views
+    has_lang = False
+    if has_samples:
+        n = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
+        say(f"indexing {n:,} sample rows of {run_dir} into {path} (memory limit {memory_limit}) ...")
+        has_lang = _build_browse(con, run_dir, views, say)
+    else:
+        say(f"indexing {run_dir} (no download results yet) ...")
+    _step(say, "per-query table", lambda: _build_query_tables(con, views, has_samples))
+    return has_samples, has_lang
+
+
+def _step(say: Callable[[str], None], what: str, fn: Callable[[], Any]) -> Any:
+    t = time.monotonic()
+    out = fn()
+    say(f"  {what}: {time.monotonic() - t:.1f} s")
+    return out
+
+
+def _columns(con: Any, view: str) -> set[str]:
+    return {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()}
+
+
+def _build_browse(con: Any, run_dir: str, views: set[str], say: Callable[[str], None]) -> bool:
+    """bx.browse (ordered by query_id, key: a query's rows lie together, so a filter by query
+    reads few row groups) and bx.keys; returns whether the filter recorded a language."""
+    has_filter = "filtered" in views
+    has_shards = "shards" in views
+    has_lang = has_filter and "lang" in _columns(con, "filtered")
+    lang = "f.lang" if has_lang else "NULL::VARCHAR"
+    f_cols = "key, drop_reason" + (", lang" if has_lang else "")
+    f_join = f"LEFT JOIN (SELECT {f_cols} FROM filtered) f ON f.key = s.key" if has_filter else ""
+    s_join = "LEFT JOIN (SELECT key, tar FROM shards) sh ON sh.key = s.key" if has_shards else ""
+    missing = has_shards and "dropped" in views and bool(_shards_dropped(run_dir).get("missing_image"))
+    # the catalog's `dropped` view tells a trimmed sample from one whose image was missing
+    m_join = (
+        "LEFT JOIN (SELECT key, reason FROM dropped WHERE stage = 'shards' AND reason <> 'trimmed_over_cap') m "
+        "ON m.key = s.key"
+        if missing
+        else ""
+    )
+    status = f"""CASE
+        WHEN s.status <> 'success' THEN 'failed'
+        WHEN {"f.key IS NULL" if has_filter else "TRUE"} THEN 'downloaded'
+        WHEN f.drop_reason IS NOT NULL THEN 'dropped'
+        WHEN {"sh.key IS NOT NULL" if has_shards else "FALSE"} THEN 'kept'
+        WHEN {"m.key IS NOT NULL" if missing else "FALSE"} THEN 'missing_image'
+        WHEN {"TRUE" if has_shards else "FALSE"} THEN 'trimmed'
+        ELSE 'passed_filter' END"""
+    _step(
+        say,
+        "samples joined with their filter and shard rows, sorted by query",
+        lambda: con.execute(f"""
+        CREATE TABLE bx.browse AS
+        SELECT key, uid, shard, tar, query_id, rank, status,
+               CASE status WHEN 'failed' THEN 'download' WHEN 'dropped' THEN 'filter'
+                           WHEN 'trimmed' THEN 'shards' WHEN 'missing_image' THEN 'shards' END AS stage,
+               CASE status WHEN 'failed' THEN coalesce(error, 'failed') WHEN 'dropped' THEN drop_reason
+                           WHEN 'trimmed' THEN 'trimmed_over_cap' WHEN 'missing_image' THEN missing_reason END
+                 AS reason,
+               lang, width, height, original_width, original_height, bytes, url, caption
+        FROM (
+            SELECT s.key, s.uid, s.shard, {"sh.tar" if has_shards else "NULL::VARCHAR"} AS tar,
+                   s.query_id, s.rank, s.error, {"f.drop_reason" if has_filter else "NULL::VARCHAR"} AS drop_reason,
+                   {"m.reason" if missing else "NULL::VARCHAR"} AS missing_reason,
+                   {lang} AS lang, s.width, s.height, s.original_width, s.original_height, s.bytes,
+                   s.url, s.caption, {status} AS status
+            FROM samples s
+            {f_join}
+            {s_join}
+            {m_join}
+        )
+        ORDER BY query_id, key
+    """).fetchall(),
+    )
+    # key -> query_id, in key order: a one-sample lookup reads one row group of it, then one
+    # query's rows of `browse` (zonemaps), instead of scanning every key
+    _step(
+        say,
+        "key lookup table",
+        lambda: con.execute("CREATE TABLE bx.keys AS SELECT key, query_id FROM bx.browse ORDER BY key").fetchall(),
+    )
+    return has_lang
+
+
+def _shards_dropped(run_dir: str) -> dict[str, int]:
+    success = io.join(run_dir, "shards", SUCCESS)
+    return io.read_json(success).get("result", {}).get("dropped", {}) if io.exists(success) else {}
+
+
+def _build_query_tables(con: Any, views: set[str], has_samples: bool) -> None:
+    """bx.qtext (query_id -> text) and bx.qstats: one row per query with its containing and
+    attributed counts (balance: before and after the cap) and its samples' fates; the
+    distribution pages sort this small table instead of grouping every sample per request."""
+    if "queries" in views:
+        con.execute("CREATE TABLE bx.qtext AS SELECT query_id, text FROM queries")
+    elif has_samples:
+        con.execute("CREATE TABLE bx.qtext AS SELECT query_id, any_value(query_text) AS text FROM samples GROUP BY 1")
+    else:
+        con.execute("CREATE TABLE bx.qtext (query_id INTEGER, text VARCHAR)")
+    per_sample = (
+        """SELECT query_id, count(*) AS attempted,
+                  count(*) FILTER (WHERE status <> 'failed') AS downloaded,
+                  count(*) FILTER (WHERE status IN ('kept', 'trimmed', 'missing_image', 'passed_filter'))
+                    AS passed,
+                  count(*) FILTER (WHERE status = 'kept') AS kept
+           FROM bx.browse GROUP BY 1"""
+        if has_samples
+        else "SELECT NULL::INT query_id, 0 attempted, 0 downloaded, 0 passed, 0 kept WHERE FALSE"
+    )
+    counts = (
+        "SELECT query_id, containing, attributed FROM query_counts"
+        if "query_counts" in views
+        else "SELECT NULL::INT query_id, NULL::BIGINT containing, NULL::BIGINT attributed WHERE FALSE"
+    )
+    con.execute(f"""
+        CREATE TABLE bx.qstats AS
+        SELECT d.*, t.text FROM (
+            SELECT coalesce(c.query_id, s.query_id) AS query_id, c.containing, c.attributed,
+                   coalesce(s.attempted, 0) attempted, coalesce(s.downloaded, 0) downloaded,
+                   coalesce(s.passed, 0) passed, coalesce(s.kept, 0) kept
+            FROM ({counts}) c FULL JOIN ({per_sample}) s ON c.query_id = s.query_id
+        ) d LEFT JOIN bx.qtext t USING (query_id)
+    """)
