@@ -25,6 +25,24 @@ from dataclasses import dataclass, field
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
+# the real data next to the repo (../shared/data; see each SOURCE.md)
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+# real captions: (parquet file, caption column)
+CAPTIONS = [
+    (os.path.join(DATA, "captions", "laion_10k.parquet"), "TEXT"),
+    (os.path.join(DATA, "captions", "coco_val2017_captions.parquet"), "caption"),
+]
+
+
+def load_captions() -> list[str]:
+    """Every real caption of CAPTIONS, in file order."""
+    import pyarrow.parquet as pq
+
+    out: list[str] = []
+    for path, col in CAPTIONS:
+        out += pq.read_table(path, columns=[col]).column(col).to_pylist()
+    return out
+
 
 def _snapshot() -> tuple[dict[int, list[int]], dict[int, tuple[int, int]]]:
     """(parent -> children, pid -> (rss bytes, cpu ticks user+system)) of every process."""

@@ -30,13 +30,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = os.path.join(os.path.dirname(REPO), "shared", "data", "images", "coco_mini")
@@ -73,46 +75,10 @@ def make_images(n: int, workers: int) -> str:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_nginx(root: str, tmp: str) -> tuple[subprocess.Popen, str]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(nginx):
-        sys.exit("nginx not found: apt-get install -y nginx-light")
-    port = free_port()
-    conf = os.path.join(tmp, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  sendfile on;
-  keepalive_timeout 30;
-  types {{ image/jpeg jpg; }}
-  default_type application/octet-stream;
-  client_body_temp_path {tmp}/body;
-  server {{ listen 127.0.0.1:{port}; root {root}; }}
-}}
-""")
-    proc = subprocess.Popen([nginx, "-p", tmp, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, base
-        except OSError:
-            if proc.poll() is not None:
-                sys.exit(f"nginx failed: {proc.stderr.read().decode()}")
-            time.sleep(0.05)
-    sys.exit("nginx did not start")
+    """nginx serving `root` on a free loopback port (benchmarks/_common.py); (process, base url)."""
+    port = _common.free_port()
+    return _common.start_nginx(tmp, f"root {root};", port), f"http://127.0.0.1:{port}"
 
 
 def write_inputs(tmp: str, base: str, names: list[str]) -> tuple[str, str]:

@@ -39,13 +39,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import TreeSampler  # noqa: E402
+from _common import DATA, TreeSampler, load_captions  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-CAPTIONS = [
-    (os.path.join(DATA, "captions", "laion_10k.parquet"), "TEXT"),
-    (os.path.join(DATA, "captions", "coco_val2017_captions.parquet"), "caption"),
-]
 WARC = os.path.join(DATA, "warc", "sample-0001.warc.gz")
 FILE_ROWS = 1_000_000
 STAGES = ["queries", "candidates", "match", "balance"]
@@ -56,15 +51,12 @@ STAGES = ["queries", "candidates", "match", "balance"]
 
 def vocabulary() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(words, their probabilities, caption lengths in words) of the real captions."""
-    import pyarrow.parquet as pq
-
     counts: collections.Counter[str] = collections.Counter()
     lengths = []
-    for path, col in CAPTIONS:
-        for caption in pq.read_table(path, columns=[col]).column(col).to_pylist():
-            words = caption.split()
-            counts.update(words)
-            lengths.append(len(words))
+    for caption in load_captions():
+        words = caption.split()
+        counts.update(words)
+        lengths.append(len(words))
     words = np.array(list(counts), dtype=object)
     freq = np.array(list(counts.values()), dtype=np.float64)
     return words, freq / freq.sum(), np.array([n for n in lengths if n > 0])

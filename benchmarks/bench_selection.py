@@ -60,13 +60,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import free_port, start_nginx  # noqa: E402
+from _common import DATA, free_port, load_captions, start_nginx  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-CAPTIONS = [
-    (os.path.join(DATA, "captions", "laion_10k.parquet"), "TEXT"),
-    (os.path.join(DATA, "captions", "coco_val2017_captions.parquet"), "caption"),
-]
 PHOTOS = os.path.join(DATA, "images", "coco_mini")
 METACLIP_HEAD_SHARE = 5.35 / 5.67  # matches in entries with count >= 20k, MetaCLIP 400M
 CLASSES = ("ok", "gone", "html", "tiny")
@@ -133,15 +128,6 @@ def junk_captions(rng: np.random.Generator, n: int) -> np.ndarray:
             out[i] = f"{v:08x}{(v * 2654435761) % 2**32:08x}"
         else:
             out[i] = f"P{v % 10**7:07d}"
-    return out
-
-
-def load_captions() -> list[str]:
-    import pyarrow.parquet as pq
-
-    out: list[str] = []
-    for path, col in CAPTIONS:
-        out += pq.read_table(path, columns=[col]).column(col).to_pylist()
     return out
 
 
