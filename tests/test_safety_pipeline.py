@@ -2,21 +2,19 @@
 request): blocked domains, URLs and opted-out prefixes are never requested; phash and sha256
 lists drop the listed images and a resized, re-encoded copy; an eval folder's re-encoded copy
 drops its sample with the eval image named; counts per list; lists in the manifest; a changed
-list redoes only the filter and the shards."""
+list redoes only the filter and the shards; a sha256 list matches the fetched original's digest too."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
+from logging_server import LoggingServer
 from wit_builder import io
 from wit_builder.filters.dedup import phash
 from wit_builder.pipeline import load_pipeline
@@ -24,33 +22,6 @@ from wit_builder.runner import run_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGES = os.path.join(REPO, "demo", "images")
-
-
-class LoggingServer:
-    """A static server on one loopback address that records every request path."""
-
-    def __init__(self, root: str, host: str):
-        self.requests: list[str] = []
-        log = self.requests
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                log.append(self.path)
-                super().do_GET()
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, 0), functools.partial(Handler, directory=root))
-        self.httpd.daemon_threads = True
-        self.base = f"http://{host}:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -171,21 +142,22 @@ samples_per_shard = 40
         ("blocklist", "known", "phash", _sha(lists / "known.txt")),
     ]
 
-    # a takedown by the sha256 of a stored image: only the filter and the shards are redone
-    stored = next(
-        r["sha256"]
+    # takedowns by the sha256 of a stored image (img1) and of a fetched original (img3, stored
+    # resized: other bytes): only the filter and the shards are redone
+    digests = {
+        r["url"].rsplit("/", 1)[1]: (r["sha256"], r["original_sha256"])
         for p in io.listdir(os.path.join(out, "download"), ".parquet")
-        for r in io.read_parquet(p, columns=["url", "sha256"]).to_pylist()
-        if r["url"].endswith("/img1.jpg")
-    )
-    (lists / "takedowns.txt").write_text(f"{stored}\n")
+        for r in io.read_parquet(p, columns=["url", "sha256", "original_sha256"]).to_pylist()
+    }
+    assert digests["img3.jpg"][1] == _sha(www / "pub" / "img3.jpg") != digests["img3.jpg"][0]
+    (lists / "takedowns.txt").write_text(f"{digests['img1.jpg'][0]}\n{digests['img3.jpg'][1]}\n")
     redone: list[str] = []
     again = run_pipeline(
         load_pipeline(str(pipeline_path)), out, on_result=lambda n, r, skipped: None if skipped else redone.append(n)
     )
     assert redone == ["filter", "shards"]
-    assert reasons()["img1.jpg"] == ("safety:blocklist:takedowns", None)
-    assert again["filter"].dropped["safety:blocklist:takedowns"] == 1
+    assert reasons()["img1.jpg"] == reasons()["img3.jpg"] == ("safety:blocklist:takedowns", None)
+    assert again["filter"].dropped["safety:blocklist:takedowns"] == 2
     manifest = json.load(open(os.path.join(out, "shards", "manifest.json")))
     assert manifest["safety_lists"][3]["sha256"] == _sha(lists / "takedowns.txt")
     final = [
@@ -193,6 +165,6 @@ samples_per_shard = 40
         for p in io.listdir(os.path.join(out, "shards", "metadata"), ".parquet")
         for r in io.read_parquet(p, columns=["url"]).to_pylist()
     ]
-    assert f"{main.base}/pub/img3.jpg" in final and not any(
-        u.endswith(("/img0.jpg", "/img1.jpg", "/img2.jpg")) for u in final
+    assert f"{other_host.base}/pub/img8.jpg" in final and not any(
+        u.endswith(("/img0.jpg", "/img1.jpg", "/img2.jpg", "/img3.jpg")) for u in final
     )

@@ -2,7 +2,8 @@
 
 1. serve the 76 bundled CC BY / BY-SA photos (demo/images) from a local HTTP server on 127.0.0.1,
    with a few URLs that fail on purpose (404, HTML served as .jpg) and a few bad rows (ftp://
-   URL, empty caption, an exact duplicate) so the status accounting shows;
+   URL, empty caption, an exact duplicate, a row on a blocklisted host) so the status
+   accounting shows;
 2. write the url list (url, caption) for that server and run pipelines/demo.toml end to end
    with embedded Ray: queries -> candidates -> match -> balance -> download -> filter -> shards;
 3. train a tiny randomly initialised CLIP for a few CPU steps on the shards and evaluate it
@@ -27,6 +28,7 @@ from wit_builder.demo_server import RunningServer, serve_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DIR = os.path.join(REPO, "demo")
+BLOCKED_HOST = "blocked.demo.invalid"  # listed in demo/blocklist.txt: dropped before any fetch
 PREFERRED_PORT = 8642  # a fixed port keeps the URLs (and so every uid) the same across demo runs
 
 
@@ -63,6 +65,7 @@ def url_rows(base_url: str) -> list[dict[str, Any]]:
         {"url": f"{base_url}/images/missing-train.jpg", "caption": "A train at a station platform."},  # 404
         {"url": f"{base_url}/images/not-an-image.jpg", "caption": "A cat on a kitchen table."},  # HTML
         {"url": "ftp://example.invalid/cat.jpg", "caption": "A cat sitting on a car."},  # bad scheme
+        {"url": f"http://{BLOCKED_HOST}/images/{captions[1]['file']}", "caption": "A dog on a beach."},  # blocklist
         {"url": f"{base_url}/images/{captions[0]['file']}", "caption": ""},  # empty caption
         dict(rows[0]),  # exact duplicate of the first row
     ]
@@ -142,6 +145,29 @@ def _train(pipeline: Any, out: str) -> dict[str, Any] | None:
     return summary
 
 
+def safety_lines(results: dict[str, Any]) -> list[str]:
+    """The summary's "removed for safety" account: rows per safety list (any stage) and the
+    faces blurred in stored images.
+
+    >>> from wit_builder.stages.base import StageResult
+    >>> r = {"candidates": StageResult(3, 2, {"safety:blocklist:hosts": 1})}
+    >>> r["download"] = StageResult(2, 2, extra={"faces_blurred": 4})
+    >>> print("\\n".join(safety_lines(r)))
+    safety:
+      candidates  safety:blocklist:hosts: 1 row(s) removed
+      download    faces blurred in stored images: 4
+    """
+    lines = ["safety:"]
+    for name, r in results.items():
+        for reason, n in sorted(r.dropped.items()):
+            if reason.startswith("safety:"):
+                lines.append(f"  {name:<11} {reason}: {n} row(s) removed")
+    download = results.get("download")
+    if download is not None and "faces_blurred" in download.extra:
+        lines.append(f"  {'download':<11} faces blurred in stored images: {download.extra['faces_blurred']}")
+    return lines if len(lines) > 1 else []
+
+
 def print_summary(out: str, results: dict[str, Any], training: dict[str, Any] | None) -> None:
     import shlex
 
@@ -158,6 +184,7 @@ def print_summary(out: str, results: dict[str, Any], training: dict[str, Any] | 
         f"shards: {len(manifest['tars'])} tar(s), {manifest['total_samples']} samples, "
         f"{manifest['total_bytes']:,} bytes -> {os.path.join(out, 'shards', 'manifest.json')}"
     )
+    lines += safety_lines(results)
     sql = "SELECT query_text, count(*) AS n FROM shards GROUP BY 1 ORDER BY n DESC, 1 LIMIT 8"
     cols, rows = query(out, sql)
     lines += ["", f'$ wit-build sql {out} "{sql}"', format_table(cols, rows)]

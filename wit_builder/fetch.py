@@ -24,7 +24,9 @@ Every failure is a short reason string: "bad_url", "bad_scheme", "private_addres
 "dns_error" (the name does not resolve), "dns_timeout" (no DNS answer before the deadline),
 "connection_refused", "connection_reset", "connection_error", "tls_error",
 "timeout", "http_404" (any non-2xx status), "redirect_loop", "too_many_redirects",
-"optout", "too_large".
+"optout", "too_large", and whatever the `screen` hook returns for a URL (the download stage
+passes its blocklists and opt-out lists: `safety:blocklist:<name>` / `safety:optout:<name>`;
+asked before every hop, so a listed host is never contacted, not through a redirect either).
 
 Known limits: /etc/hosts is not read (names go to DNS). The TCP connect and the TLS
 handshake are bounded by socket timeouts set to the time left (the watchdog takes over once
@@ -190,10 +192,18 @@ class Fetcher:
     Names are resolved by a `wit_builder.resolver.Resolver` over `settings.dns_servers`; a
     `resolver(host, port) -> list of IP strings` hook replaces DNS (tests map names with it;
     its answers are cached per host name like DNS answers, an exception or [] is "dns_error").
+    `screen(url) -> reason or None` is asked about the URL of every hop before its host is
+    resolved or contacted; a reason ends the fetch with that reason as the error.
     """
 
-    def __init__(self, settings: FetchSettings, resolver: Callable[[str, int], list[str]] | None = None):
+    def __init__(
+        self,
+        settings: FetchSettings,
+        resolver: Callable[[str, int], list[str]] | None = None,
+        screen: Callable[[str], str | None] | None = None,
+    ):
         self.s = settings
+        self._screen = screen
         lookup = None
         if resolver is not None:
             lookup = _hook_lookup(resolver, settings.dns_ttl)
@@ -257,6 +267,8 @@ class Fetcher:
             for hop in range(self.s.max_redirects + 1):
                 result.hops = hop
                 parts, host, port = self._check_url(current)
+                if self._screen is not None and (reason := self._screen(current)):
+                    raise _Failure(reason)
                 with self._domain_sem(host), self._slots.hold(host):
                     if deadline is None:
                         deadline = time.monotonic() + self.s.timeout

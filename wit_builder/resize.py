@@ -104,6 +104,7 @@ class Resized:
     original_width: int
     original_height: int
     faces: int | None = None  # faces blurred; None when face blurring is off
+    original_sha256: str | None = None  # of the fetched bytes (set by the download stage)
 
 
 class ImageRejected(Exception):

@@ -71,6 +71,7 @@ SAMPLES = pa.schema(
 SAMPLES_EXTRA = pa.schema(
     [
         pa.field("faces_blurred", pa.int32()),  # faces blurred in the stored image; null = blurring off
+        pa.field("original_sha256", pa.string()),  # sha256 of the fetched bytes (`sha256`: the stored ones)
     ]
 )
 

@@ -66,6 +66,19 @@ class UrlScreen:
             gone |= hit
         return (table.filter(pa.array(~gone)) if gone.any() else table), counts
 
+    def check(self, url: str) -> str | None:
+        """The drop reason of one URL (None: no list matches it); the download stage's fetcher
+        asks this for every redirect hop, so a listed host is never contacted through one.
+
+        >>> UrlScreen([("safety:blocklist:x", load_url_list("x", "domain", ["bad.example"]))]).check(
+        ...     "https://cdn.bad.example/a.jpg")
+        'safety:blocklist:x'
+        """
+        import pyarrow as pa
+
+        _, counts = self.apply(pa.table({"url": pa.array([url], pa.string())}))
+        return next((reason for reason, n in counts.items() if n), None)
+
 
 def url_screen(blocklists: Sequence[ListSpec], optouts: Sequence[ListSpec]) -> UrlScreen | None:
     """The candidates stage's screen (None when no list is configured); loaded once per worker
@@ -102,12 +115,15 @@ class ImageScreen:
     def needs_phash(self) -> bool:
         return bool(self.phash_lists) or self.eval_index is not None
 
-    def check(self, sha256: str | None, phash: int | None) -> tuple[str | None, str | None]:
-        """(drop reason or None, the matched eval image or None) for one image."""
-        if sha256:
-            for reason, digests in self.sha256_lists:
-                if sha256 in digests:
-                    return reason, None
+    def check(
+        self, sha256: str | None, phash: int | None, original_sha256: str | None = None
+    ) -> tuple[str | None, str | None]:
+        """(drop reason or None, the matched eval image or None) for one image; a sha256 list
+        matches the stored bytes' digest or the fetched (original) bytes' one."""
+        digests_of_image = {d for d in (sha256, original_sha256) if d}
+        for reason, digests in self.sha256_lists:
+            if not digests_of_image.isdisjoint(digests):
+                return reason, None
         if phash is None:
             return None, None
         for reason, index in self.phash_lists:

@@ -15,8 +15,8 @@ dropped; path and query keep their case. So a list entry `http://Example.COM./a`
   scheme is read as `http://...`).
 
 Blocks are matched column-wise (pyarrow regex for the parts, Python only per distinct host).
-Redirects are not seen here: a listed host reached through a redirect from an unlisted one is
-the fetcher's business (README, "Not done yet").
+Redirects are not seen here: the download stage's fetcher asks the same lists about every hop
+(screen.UrlScreen.check), so a listed host reached through a redirect is never contacted.
 
 Example:
     >>> url_key("HTTPS://user@Bücher.Example.:443/A?b=1#frag")

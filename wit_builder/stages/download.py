@@ -15,7 +15,8 @@ the header and resizes with img2dataset's resizer (wit_builder.resize), then wri
 - `download/{shard:05d}.tar`: `{key}.jpg` (or .png/.webp), `{key}.json`, `{key}.txt` per
   successful sample, members sorted by name (= key order), fixed tar headers;
 - `download/{shard:05d}.parquet`: schema.SAMPLES (+ SAMPLES_EXTRA), one row for EVERY sample of the shard,
-  sorted by key: status "success"/"failed", error reason, sizes, stored bytes, sha256;
+  sorted by key: status "success"/"failed", error reason, sizes, stored bytes, sha256 (of the
+  stored bytes; `original_sha256`: of the fetched bytes);
 - the shard's marker `download/_parts/download/{shard:05d}.json` LAST (its counts: samples,
   successes, errors by reason, bytes): a shard is done iff its marker exists, and a rerun
   skips done shards.
@@ -41,7 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from wit_builder import executor, io, schema
 from wit_builder.config import ConfigError
@@ -49,6 +50,7 @@ from wit_builder.fetch import DEFAULT_OPTOUT, Fetcher, FetchSettings, is_transie
 from wit_builder.progress import reporter
 from wit_builder.resize import EncodeFormat, ImageRejected, ResizeMode, ResizeSettings
 from wit_builder.resolver import dns_lookup, parse_server
+from wit_builder.safety.lists import URL_KINDS, ListSpec, check_specs
 from wit_builder.stages.base import StageContext, StageResult, Timer
 
 INPUT_COLUMNS = ["uid", "url", "caption", "query_id", "query_text", "query_ids", "rank"]
@@ -94,6 +96,10 @@ class Config:
     task_retries: Ray retries of a shard task whose worker died.
     shard_attempts: rounds over unfinished shards (after a task error) before the stage fails.
     retry_backoff: seconds before the second round, doubled for each further round.
+    blocklists, optout_lists: URL lists asked about every URL the fetcher is about to contact,
+        redirect hops included (a hop a list matches is not requested: the sample fails with
+        `safety:blocklist:<name>` / `safety:optout:<name>`). Default ([]): the `[candidates]`
+        lists, which already dropped the listed input URLs, so only redirects meet them here.
     """
 
     shard_size: int = 1000
@@ -127,8 +133,17 @@ class Config:
     task_retries: int = 3
     shard_attempts: int = 3
     retry_backoff: float = 2.0
+    blocklists: list[ListSpec] = field(default_factory=list)
+    optout_lists: list[ListSpec] = field(default_factory=list)
+
+    inherit: ClassVar[dict[str, str]] = {
+        "blocklists": "candidates.blocklists",  # [] = the candidates stage's lists
+        "optout_lists": "candidates.optout_lists",
+    }
 
     def __post_init__(self) -> None:
+        check_specs("blocklists", self.blocklists, URL_KINDS)
+        check_specs("optout_lists", self.optout_lists, URL_KINDS)
         positive = ("shard_size", "threads_per_task", "max_bytes", "max_pixels", "max_per_domain", "shard_attempts")
         for name in positive:
             if getattr(self, name) < 1:
@@ -326,16 +341,18 @@ def _face_detector_for(kind: str, min_score: float, min_size: int) -> Any:
 
 
 @functools.lru_cache(maxsize=4)
-def _fetcher_for(settings: FetchSettings) -> Fetcher:
-    """One Fetcher per settings per worker process."""
-    return Fetcher(settings)
+def _fetcher_for(settings: FetchSettings, screen: Any = None) -> Fetcher:
+    """One Fetcher per settings (and URL screen) per worker process."""
+    return Fetcher(settings, screen=screen.check if screen is not None else None)
 
 
 def _download_rows(rows: list[dict[str, Any]], cfg: Config) -> Iterator[tuple[int, Any, str | None]]:
     """Yield (row index, Resized or None, error) for every row, in completion order."""
     from wit_builder.resize import ImageResizer
+    from wit_builder.safety.screen import url_screen
 
-    fetcher = _fetcher_for(cfg.fetch_settings())  # DNS cache and domain limits shared across shards
+    # DNS cache and domain limits shared across shards; every hop asked of the URL lists
+    fetcher = _fetcher_for(cfg.fetch_settings(), url_screen(cfg.blocklists, cfg.optout_lists))
     blurrer = None
     if cfg.blur_faces:
         from wit_builder.faces import FaceBlurrer
@@ -345,16 +362,22 @@ def _download_rows(rows: list[dict[str, Any]], cfg: Config) -> Iterator[tuple[in
     resizer = ImageResizer(cfg.resize_settings(), blurrer=blurrer, keep_metadata=cfg.keep_metadata)
 
     def work(i: int) -> tuple[Any, str | None]:
-        return _fetch_one(fetcher, rows[i]["url"], cfg.max_pixels, cfg.retries, cfg.keep_metadata)
+        got, error = _fetch_one(fetcher, rows[i]["url"], cfg.max_pixels, cfg.retries, keep_original=True)
+        if error is not None:
+            return None, error
+        prepared, original = got  # the fetched bytes: hashed here, kept only for keep_metadata
+        return (prepared, original if cfg.keep_metadata else None, hashlib.sha256(original).hexdigest()), None
 
     with cf.ThreadPoolExecutor(cfg.threads_per_task, thread_name_prefix="fetch") as pool:
         for i, (prepared, error) in _imap_unordered(pool, work, range(len(rows)), 2 * cfg.threads_per_task):
             if error is not None:
                 yield i, None, error
                 continue
-            prepared, original = prepared if cfg.keep_metadata else (prepared, None)
+            prepared, original, original_sha256 = prepared
             try:
-                yield i, resizer(prepared, original), None
+                resized = resizer(prepared, original)
+                resized.original_sha256 = original_sha256
+                yield i, resized, None
             except ImageRejected as e:
                 yield i, None, e.reason
 
@@ -380,6 +403,7 @@ def _record(row: dict[str, Any], shard: str, resized: Any, error: str | None) ->
         "bytes": len(resized.data) if ok else None,
         "sha256": hashlib.sha256(resized.data).hexdigest() if ok else None,
         "faces_blurred": resized.faces if ok else None,
+        "original_sha256": resized.original_sha256 if ok else None,
     }
 
 
@@ -572,6 +596,21 @@ def _pass(ctx: StageContext, cfg: Config, name: str, fn: Callable, **kw: Any) ->
         unit="img",
         **kw,
     )
+
+
+def preflight(cfg: Config) -> None:
+    """Checks the runner makes before any stage starts: the redirect-screening lists read."""
+    from wit_builder.safety.screen import url_screen
+
+    url_screen(cfg.blocklists, cfg.optout_lists)
+
+
+def input_digests(cfg: Config) -> list[dict[str, str]]:
+    """The lists every fetched hop is screened with (name, kind, sha256): part of the stage's
+    fingerprint, so a changed list redoes the stage."""
+    from wit_builder.safety import lists as safety_lists
+
+    return safety_lists.describe("blocklist", cfg.blocklists) + safety_lists.describe("optout", cfg.optout_lists)
 
 
 def run(ctx: StageContext, cfg: Config) -> StageResult:

@@ -4,7 +4,8 @@ Reads download/{shard}.parquet (+ .tar), writes filtered/{shard}.parquet (schema
 row per successful download, `drop_reason` null when kept, else the first reason that applies,
 checked in this order:
 
-    safety:blocklist:<name>  the stored image's sha256 is on that sha256 list, or its phash is
+    safety:blocklist:<name>  the sha256 of the stored or of the fetched (original) image bytes is
+                     on that sha256 list, or the stored image's phash is
                      within the list's max_distance of an entry of that phash list
     safety:eval_duplicate  phash within eval_max_distance of an image in `eval_dirs` (the
                      matched eval image is kept in the `eval_match` column)
@@ -111,7 +112,8 @@ class Config:
     gpus_per_worker: GPUs each actor reserves on a Ray cluster (e.g. 0.25 to share one GPU
         among four CLIP-scoring actors); 0 = CPU only, Ray then hides GPUs from the actor.
     blocklists: image lists, each `{name, kind = "sha256" | "phash", path, column, max_distance}`
-        (safety.lists.ListSpec; sha256 of the stored image bytes; phash within max_distance
+        (safety.lists.ListSpec; a sha256 entry matches the stored image bytes or the bytes as
+        fetched, before resizing/re-encoding: download's `original_sha256`; phash within max_distance
         bits, default 4); a listed image is dropped as `safety:blocklist:<name>`.
     eval_dirs: folders of evaluation images (local or fsspec; jpg, png, webp, gif, bmp, tiff);
         a sample whose image has a phash within eval_max_distance bits of one of them is
@@ -267,6 +269,8 @@ def _read_successes(parquet_path: str) -> pa.Table:
         "original_height",
         "sha256",
     ]
+    if "original_sha256" in io.parquet_schema(parquet_path).names:  # absent from older runs
+        cols.append("original_sha256")
     table = io.read_parquet(parquet_path, columns=cols)
     return table.filter(pc.equal(table["status"], "success"))
 
@@ -305,7 +309,7 @@ class _ShardFeatures:
         if screen.needs_phash:
             with contextlib.suppress(Exception):  # an image that does not decode: decode_error below
                 self.phash[i] = self.worker.phash_of(sha256, data)
-        reason, self.eval_match[i] = screen.check(sha256, self.phash[i])
+        reason, self.eval_match[i] = screen.check(sha256, self.phash[i], self.rows[i].get("original_sha256"))
         return reason
 
     def cheap_reason(self, i: int) -> str | None:
