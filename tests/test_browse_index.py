@@ -115,3 +115,17 @@ def test_a_cache_dir_that_cannot_be_made_is_a_clear_error(run_dir, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cache-dir"):
         Browser(run_dir, cache_dir=str(blocker / "sub"))
+
+
+def test_a_limit_below_what_duckdb_already_holds_names_the_option():
+    """DuckDB may refuse the SET itself (it cannot free enough), not only the build: same message."""
+    import duckdb
+
+    from wit_builder.browse_index import set_memory_limit
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t AS SELECT range AS r, repeat('x', 50) AS s FROM range(2000000)")
+    with pytest.raises(ConfigError, match="raise --memory-limit"):
+        set_memory_limit(con, "1KB")
+    with pytest.raises(ConfigError, match="not a DuckDB memory size"):
+        set_memory_limit(con, "lots")

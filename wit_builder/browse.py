@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wit_builder import io
-from wit_builder.browse_index import DEFAULT_MEMORY_LIMIT, ensure_index
+from wit_builder.browse_index import DEFAULT_MEMORY_LIMIT, ensure_index, set_memory_limit
 
 STATUSES = ("kept", "trimmed", "missing_image", "dropped", "failed", "passed_filter", "downloaded")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -132,10 +132,7 @@ class Browser:
         self._catalog_lock = threading.Lock()
         self.index_path, self.built = ensure_index(run_dir, cache_dir, memory_limit, log)
         self.db = duckdb.connect()
-        try:
-            self.db.execute("SET memory_limit = '" + memory_limit.replace("'", "''") + "'")
-        except duckdb.Error as e:
-            raise ConfigError(f"memory-limit: {memory_limit!r} is not a DuckDB memory size (e.g. 1GB): {e}") from None
+        set_memory_limit(self.db, memory_limit)
         self.db.execute("ATTACH '" + self.index_path.replace("'", "''") + "' AS bx (READ_ONLY)")
         self.db.execute("SET enable_external_access = false")
         self.db.execute("SET lock_configuration = true")

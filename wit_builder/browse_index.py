@@ -158,6 +158,22 @@ def _sql_str(s: str) -> str:
     return s.replace("'", "''")
 
 
+def set_memory_limit(con: Any, memory_limit: str) -> None:
+    """`SET memory_limit` on `con`; a ConfigError naming --memory-limit when DuckDB refuses it:
+    not a size, or below what the connection already holds (DuckDB cannot free enough)."""
+    import duckdb
+
+    try:
+        con.execute(f"SET memory_limit = '{_sql_str(memory_limit)}'")
+    except duckdb.OutOfMemoryException as e:
+        raise ConfigError(
+            f"memory-limit: {memory_limit!r} is below what DuckDB already holds (raise --memory-limit): "
+            + str(e).splitlines()[0]
+        ) from None
+    except duckdb.Error as e:
+        raise ConfigError(f"memory-limit: {memory_limit!r} is not a DuckDB memory size (e.g. 1GB): {e}") from None
+
+
 def build_index(
     run_dir: str, path: str, memory_limit: str = DEFAULT_MEMORY_LIMIT, log: Callable[[str], None] | None = None
 ) -> None:
@@ -172,12 +188,7 @@ def build_index(
     spill = tmp + ".spill"
     con = connect(run_dir, unsafe=True)  # only this function's own SQL runs on it
     try:
-        try:
-            con.execute(f"SET memory_limit = '{_sql_str(memory_limit)}'")
-        except duckdb.Error as e:
-            raise ConfigError(
-                f"memory-limit: {memory_limit!r} is not a DuckDB memory size (e.g. 1GB, 512MB): {e}"
-            ) from None
+        set_memory_limit(con, memory_limit)
         started = time.monotonic()
         try:
             has_samples, has_lang = _build_tables(con, run_dir, path, tmp, spill, memory_limit, say)
