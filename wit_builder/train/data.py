@@ -37,6 +37,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from wit_builder import io as wio
 from wit_builder import tario
 from wit_builder.config import ConfigError
 
@@ -244,42 +247,58 @@ class EpochSpec:
     first_worker: int = 0  # the worker whose rows come first (a resumed epoch's round-robin)
 
 
-def _make_dataset(spec: EpochSpec, transform: Callable, tokenizer: Callable):
-    import torch
+class SlotDataset(torch.utils.data.IterableDataset):
+    """The chunks of one DataLoader worker: its slot's stream, decoded + augmented + tokenized.
+    At module level so that a forkserver/spawn worker can unpickle it (see `worker_context`)."""
 
-    class SlotDataset(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            # DataLoader worker i (the i-th of its round-robin) serves worker w of this rank
-            w = ((info.id if info is not None else 0) + spec.first_worker) % spec.workers
-            slot = spec.rank * spec.workers + w
-            images, captions, keys, seqs, bad = [], [], [], [], 0
-            stream = slot_stream(
-                spec.urls, slot, spec.world * spec.workers, spec.epoch, spec.seed, spec.buffer, spec.holdout
-            )
-            for seq, (key, parts) in enumerate(stream):
-                if seq < spec.start[w]:
-                    continue
-                # the augmentation of a sample depends on nothing but (seed, epoch, key)
-                torch.default_generator.manual_seed(_key_hash(key, f"{spec.seed}\x1f{spec.epoch}\x1f") % (1 << 62))
-                try:
-                    image, caption = decode_sample(parts, transform)
-                    images.append(image), captions.append(caption), keys.append(key), seqs.append(seq)
-                except Exception as e:  # warn-and-continue for a bad sample
-                    bad += 1
-                    if bad <= 5:
-                        log.warning("sample %s skipped: %s", key, e)
-                if keys and (seq + 1) % spec.chunk == 0:
-                    yield _chunk(images, tokenizer(captions), keys, seqs, w)
-                    images, captions, keys, seqs = [], [], [], []
-            if keys:
+    def __init__(self, spec: EpochSpec, transform: Callable, tokenizer: Callable) -> None:
+        self.spec, self.transform, self.tokenizer = spec, transform, tokenizer
+
+    def __iter__(self):
+        spec, transform, tokenizer = self.spec, self.transform, self.tokenizer
+        info = torch.utils.data.get_worker_info()
+        # DataLoader worker i (the i-th of its round-robin) serves worker w of this rank
+        w = ((info.id if info is not None else 0) + spec.first_worker) % spec.workers
+        slot = spec.rank * spec.workers + w
+        images, captions, keys, seqs, bad = [], [], [], [], 0
+        stream = slot_stream(
+            spec.urls, slot, spec.world * spec.workers, spec.epoch, spec.seed, spec.buffer, spec.holdout
+        )
+        for seq, (key, parts) in enumerate(stream):
+            if seq < spec.start[w]:
+                continue
+            # the augmentation of a sample depends on nothing but (seed, epoch, key)
+            torch.default_generator.manual_seed(_key_hash(key, f"{spec.seed}\x1f{spec.epoch}\x1f") % (1 << 62))
+            try:
+                image, caption = decode_sample(parts, transform)
+                images.append(image), captions.append(caption), keys.append(key), seqs.append(seq)
+            except Exception as e:  # warn-and-continue for a bad sample
+                bad += 1
+                if bad <= 5:
+                    log.warning("sample %s skipped: %s", key, e)
+            if keys and (seq + 1) % spec.chunk == 0:
                 yield _chunk(images, tokenizer(captions), keys, seqs, w)
+                images, captions, keys, seqs = [], [], [], []
+        if keys:
+            yield _chunk(images, tokenizer(captions), keys, seqs, w)
 
-    return SlotDataset()
+
+def worker_context(urls: list[str]) -> str | None:
+    """How DataLoader workers start: forked (the default, fastest) when every shard is a local
+    file; from a forkserver when any is on an object store. A forked child inherits the parent's
+    object-store client (fsspec's event-loop thread, open sockets, OpenSSL state) mid-flight,
+    and in CI that crashed a worker (segfault) reading shards from S3.
+
+    Example:
+        >>> worker_context(["/data/shards/00000.tar"]) is None
+        True
+        >>> worker_context(["s3://bucket/shards/00000.tar"])
+        'forkserver'
+    """
+    return None if all(wio.is_local(u) for u in urls) else "forkserver"
 
 
 def _chunk(images, tokens, keys, seqs, worker):
-    import torch
 
     return {"image": torch.stack(images), "text": tokens, "key": list(keys), "seq": list(seqs), "worker": worker}
 
@@ -307,11 +326,11 @@ def epoch_batches(
 ) -> Iterator[LocalBatch]:
     """Exact `local_batch`-row batches for this rank and epoch (the last one may be shorter),
     each with the data position after it (per-worker positions, the next worker)."""
-    import torch
 
-    dataset = _make_dataset(spec, transform, tokenizer)
+    dataset = SlotDataset(spec, transform, tokenizer)
     loader = torch.utils.data.DataLoader(
         dataset,
+        multiprocessing_context=worker_context(spec.urls) if num_workers else None,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -336,8 +355,6 @@ def epoch_batches(
 
 
 def _take(pending: list[dict], offset: int, n: int, positions: list[int], workers: int) -> tuple[LocalBatch, int]:
-    import torch
-
     images, texts, keys = [], [], []
     while n:
         c = pending[0]
