@@ -174,6 +174,33 @@ def test_retry_failed_recovers_transient_failures_only(ray_session, hostile, tmp
     assert again.extra["shards_retried"] == 0 and again.rows_out == 9
 
 
+@pytest.mark.timeout(60)
+def test_retry_failed_progress_moves_within_a_shard(ray_session, hostile, tmp_path, capsys, monkeypatch):
+    """The retry's bar counts the transient failures and moves as they are re-fetched inside the
+    shard (the download's in-shard reports), not only when the one shard ends."""
+    run_dir = str(tmp_path)
+    # one shard: 8 timeouts (each re-fetch takes the 1 s deadline, 2 threads: ~4 s), 2 that recover,
+    # one success and one permanent failure (neither retried)
+    urls = (
+        [hostile.url("/slow.jpg")] * 8
+        + [hostile.url(f"/flaky/1/{300 + i}.jpg") for i in range(2)]
+        + [hostile.url("/img/1.jpg"), hostile.url("/status/404")]
+    )
+    make_selection(run_dir, urls, parts=1)
+    opts = dict(shard_size=16, threads_per_task=2)
+    first = download.run(StageContext(run_dir=run_dir, progress=False), cfg(**opts))
+    assert first.extra["shards"] == 1 and first.dropped == {"timeout": 8, "http_503": 2, "http_404": 1}
+    monkeypatch.setenv("WIT_PROGRESS_EVERY", "0")  # a plain line at every move of the bar
+    capsys.readouterr()
+    res = download.retry_failed(StageContext(run_dir=run_dir, progress=True), cfg(**opts))
+    assert res.extra["recovered"] == 2 and res.dropped == {"timeout": 8, "http_404": 1}
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("download retry: ")]
+    done = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert all(line.split()[2].endswith("/10") for line in lines), lines  # total: the transient failures
+    assert any(0 < n < 10 for n in done), lines  # moved inside the shard
+    assert done[-1] == 10 and "recovered" in lines[-1], lines
+
+
 def _busy_ray_workers() -> list[int]:
     """PIDs of Ray worker processes currently running a task (proctitle "ray::<task>")."""
     pids = []

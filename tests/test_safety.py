@@ -80,6 +80,25 @@ def test_domain_url_and_prefix_lists():
     assert exact.mask(parts).tolist() == [False, False, False, False, False, True, False, False]
 
 
+def test_one_url_check_agrees_with_the_column_mask():
+    """The fetcher's per-hop check (set lookups, `UrlScreen.check`) gives each URL the verdict the
+    candidates' column-wise `mask` gives it, for every kind of list."""
+    from wit_builder.safety.screen import UrlScreen
+
+    urls = [u for u in TRICKY if u] + ["http://img.bad.example/p/1.jpg", "https://EXAMPLE.com/P/Q.png", "//x/y"]
+    lists = [
+        UrlList("d", "domain", ["bad.example", "Bücher.example", "straße.de", "[::1]"]),
+        UrlList("u", "url", ["http://example.com/a.jpg", "example.com:8080/a.jpg?x=1&Y=2", "https://example.com/?q=1"]),
+        UrlList("p", "prefix", ["http://img.example.com/P/", "example.com/P", "http://[::1]/"]),
+    ]
+    parts = UrlParts.of(pa.array(urls, pa.string()))
+    for lst in lists:
+        screen = UrlScreen([(lst.name, lst)])
+        one_at_a_time = [screen.check(u) == lst.name for u in urls]
+        assert one_at_a_time == lst.mask(parts).tolist(), lst.name
+        assert any(one_at_a_time), f"list {lst.name} matches none of the URLs: the test would prove nothing"
+
+
 def test_hosts_are_taken_as_the_fetcher_takes_them():
     """urlsplit's rules (the fetcher's): userinfo ends at the last @, tabs and newlines vanish,
     non-ASCII names through Python's IDNA codec; entries match in their UTS 46 form too."""

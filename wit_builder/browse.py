@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wit_builder import io
-from wit_builder.browse_index import DEFAULT_MEMORY_LIMIT, ensure_index, set_memory_limit
+from wit_builder.browse_index import DEFAULT_CACHE_MAX_BYTES, DEFAULT_MEMORY_LIMIT, ensure_index, set_memory_limit
 
 STATUSES = ("kept", "trimmed", "missing_image", "dropped", "failed", "passed_filter", "downloaded")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -110,8 +110,9 @@ def _like_escape(text: str) -> str:
 class Browser:
     """Read-only queries over one run for the web browser (see the module docstring).
 
-    `cache_dir` and `memory_limit` go to `browse_index.ensure_index`; `log` gets its progress
-    lines. `built` says whether the index was built now (False: reused from the cache)."""
+    `cache_dir`, `memory_limit` and `cache_max_bytes` go to `browse_index.ensure_index`; `log`
+    gets its progress lines. `built` says whether the index was built now (False: reused from
+    the cache)."""
 
     def __init__(
         self,
@@ -120,6 +121,7 @@ class Browser:
         cache_dir: str | None = None,
         memory_limit: str = DEFAULT_MEMORY_LIMIT,
         log: Callable[[str], None] | None = None,
+        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
     ):
         import duckdb
 
@@ -130,7 +132,7 @@ class Browser:
         self.run_dir = run_dir
         self._lock = threading.Lock()
         self._catalog_lock = threading.Lock()
-        self.index_path, self.built = ensure_index(run_dir, cache_dir, memory_limit, log)
+        self.index_path, self.built = ensure_index(run_dir, cache_dir, memory_limit, log, cache_max_bytes)
         self.db = duckdb.connect()
         set_memory_limit(self.db, memory_limit)
         self.db.execute("ATTACH '" + self.index_path.replace("'", "''") + "' AS bx (READ_ONLY)")

@@ -16,6 +16,15 @@ directory beside the cache file instead of growing, and writes a temporary file 
 into place only when complete (a build killed midway leaves no index that looks finished; its
 leftovers are removed by the next build of that run).
 
+The cache keeps itself tidy (`tidy_cache`, on every open or build): beside a run's indexes lies
+`<run hash>.json` naming the run and when it was last served; the indexes of a local run whose
+directory is gone are deleted, and then, while the cache's indexes add up to more than
+`max_bytes` (`wit-build serve --cache-max-gb`, default 10), the least recently served go first,
+never the one being served. `clear_cache` empties it (`wit-build serve --clear-cache`). The
+temporary files of a build still running (its pid in their names) are never touched; an index
+another server has open may be deleted, which that server survives (it holds the file open) and
+its next start rebuilds.
+
 Example:
     >>> path, built = ensure_index("runs/demo", log=print)            # doctest: +SKIP
     indexing 1,204 sample rows of runs/demo into ~/.cache/wit-builder/serve/3f...duckdb
@@ -31,11 +40,13 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from wit_builder import io
@@ -48,6 +59,11 @@ DEFAULT_MEMORY_LIMIT = "1GB"
 # shards, query_counts, queries; shards/_SUCCESS.json for why a sample is missing)
 FINGERPRINT_FOLDERS = ("download", "filtered", "shards/metadata", "shards", "selected", "queries")
 SUCCESS = "_SUCCESS.json"
+DEFAULT_CACHE_MAX_GB = 10.0  # a 10M-sample run's index is ~0.7 GB (benchmarks/RESULTS.md)
+DEFAULT_CACHE_MAX_BYTES = int(DEFAULT_CACHE_MAX_GB * 1e9)
+# the cache's own files: <run hash>-<fingerprint>.duckdb (an index), <run hash>.json (its run),
+# each maybe followed by a build's `.tmp-<pid>-<id>...`; anything else in the dir is left alone
+CACHE_NAME = re.compile(r"(?P<run>[0-9a-f]{16})(?:-[0-9a-f]{24}\.duckdb|\.json)(?P<rest>.*)", re.DOTALL)
 
 
 def default_cache_dir() -> str:
@@ -104,22 +120,32 @@ def ensure_index(
     cache_dir: str | None = None,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     log: Callable[[str], None] | None = None,
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
 ) -> tuple[str, bool]:
     """(path of the run's index, whether it was built now): the cached one when the run has not
-    changed since it was built, else a new one (and the run's older indexes are deleted)."""
+    changed since it was built, else a new one (and the run's older indexes are deleted); then
+    the cache is tidied (`tidy_cache`) down to `cache_max_bytes`, keeping this index."""
     path = index_path(run_dir, cache_dir)
-    if os.path.exists(path):
+    if cache_max_bytes < 0:
+        raise ConfigError(f"cache-max-gb: must be >= 0, got {cache_max_bytes / 1e9:g}")
+    built = not os.path.exists(path)
+    if not built:
         if log:
-            built = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
-            log(f"using the index {path} (built {built}; the run has not changed since)")
-        return path, False
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cache-dir: cannot create {os.path.dirname(path)}: {e.strerror or e}") from None
-    build_index(run_dir, path, memory_limit=memory_limit, log=log)
-    _remove_older(path)
-    return path, True
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+            log(f"using the index {path} (built {when}; the run has not changed since)")
+    else:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cache-dir: cannot create {os.path.dirname(path)}: {e.strerror or e}") from None
+        build_index(run_dir, path, memory_limit=memory_limit, log=log)
+        _remove_older(path)
+    with contextlib.suppress(OSError):  # a cache that cannot be written to still serves what it holds
+        _note_use(path, run_dir)
+    tidied = tidy_cache(os.path.dirname(path), cache_max_bytes, keep=path)
+    if log and tidied.removed:
+        log(tidied.describe(os.path.dirname(path), cache_max_bytes))
+    return path, built
 
 
 def _remove_older(path: str) -> None:
@@ -152,6 +178,225 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- keeping the cache tidy ----------------------------------------------------------------
+
+
+def _run_file(cache_dir: str, run_hash: str) -> str:
+    return os.path.join(cache_dir, f"{run_hash}.json")
+
+
+def _note_use(path: str, run_dir: str) -> None:
+    """Write `<run hash>.json` beside the index `path`: the run's id and now as its last use
+    (written through a temporary file, so a reader never sees half of it)."""
+    target = _run_file(os.path.dirname(path), os.path.basename(path)[:16])
+    _write_run_file(target, {"run": run_id(run_dir), "used": time.time()})
+
+
+def _write_run_file(target: str, info: dict[str, Any]) -> None:
+    tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, target)
+
+
+def _read_run_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _indexed_run(index: str) -> str | None:
+    """The run an index was built from, read from its `meta` table (for an index older than
+    the `<run hash>.json` files); None when it cannot be read."""
+    import duckdb
+
+    try:
+        with duckdb.connect() as con:
+            con.execute(f"ATTACH '{_sql_str(index)}' AS bx (READ_ONLY)")
+            return json.loads(con.execute("SELECT json FROM bx.meta").fetchall()[0][0])["run_dir"]
+    except (duckdb.Error, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _run_is_gone(run: str | None) -> bool:
+    """A local run (an absolute path) whose directory no longer exists.
+
+    Runs on an object store are never reported gone: knowing would cost a request per cached
+    run (credentials, an endpoint that may be slow or unreachable offline) on every start of
+    `serve`, which otherwise opens a cached index in well under a second; their indexes stay
+    until the size bound evicts them, least recently served first."""
+    return run is not None and os.path.isabs(run) and not os.path.isdir(run)
+
+
+@dataclass
+class Tidied:
+    """What `tidy_cache` or `clear_cache` removed, and the finished indexes' bytes kept."""
+
+    gone_runs: int = 0  # indexes of deleted local runs
+    evicted: int = 0  # indexes over the size bound (or cleared)
+    other: int = 0  # run files and dead builds' leftovers
+    freed: int = 0  # bytes
+    kept_bytes: int = 0
+
+    @property
+    def removed(self) -> int:
+        return self.gone_runs + self.evicted + self.other
+
+    def describe(self, cache_dir: str, max_bytes: int) -> str:
+        """One line for the log.
+
+        >>> Tidied(gone_runs=2, other=1, freed=3_000_000, kept_bytes=9_000_000_000).describe("/c", 10**10)
+        'cache /c: removed 2 index(es) of deleted runs, 1 leftover file(s) (3 MB freed; 9,000 MB kept)'
+        """
+        parts = []
+        if self.gone_runs:
+            parts.append(f"{self.gone_runs} index(es) of deleted runs")
+        if self.evicted:
+            parts.append(f"{self.evicted} least recently served over the {max_bytes / 1e9:g} GB bound")
+        if self.other:
+            parts.append(f"{self.other} leftover file(s)")
+        return (
+            f"cache {cache_dir}: removed {', '.join(parts)} "
+            f"({self.freed / 1e6:,.0f} MB freed; {self.kept_bytes / 1e6:,.0f} MB kept)"
+        )
+
+
+@dataclass
+class _Entry:
+    path: str
+    run_hash: str
+    kind: str  # "index", "run", "live" (a running build's), "dead" (a dead build's)
+    size: int = 0
+
+
+def _entries(cache_dir: str) -> list[_Entry]:
+    """The cache's own files (CACHE_NAME), each with its kind and size; others are not listed."""
+    out = []
+    try:
+        names = os.listdir(cache_dir)
+    except FileNotFoundError:
+        return []  # (other errors: the caller's)
+    for name in names:
+        m = CACHE_NAME.fullmatch(name)
+        if m is None:
+            continue
+        path = os.path.join(cache_dir, name)
+        rest, kind = m["rest"], "run" if name[16:].startswith(".json") else "index"
+        if rest:
+            pid = _builder_pid(name)
+            if pid is None:
+                continue
+            kind = "live" if _alive(pid) else "dead"
+        try:
+            size = _size(path)
+        except OSError:  # removed meanwhile
+            continue
+        out.append(_Entry(path, m["run"], kind, size))
+    return out
+
+
+def _size(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _remove(entry: _Entry) -> bool:
+    """Delete the entry; whether it is gone now (also when another process tidied it first)."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(entry.path) if os.path.isdir(entry.path) else os.remove(entry.path)
+    return not os.path.lexists(entry.path)
+
+
+def tidy_cache(cache_dir: str, max_bytes: int, keep: str | None = None) -> Tidied:
+    """Remove from `cache_dir` the indexes of local runs whose directory is gone, then the least
+    recently served indexes while the indexes add up to more than `max_bytes`, and the run files
+    and dead builds' leftovers nothing needs any more. Never `keep` (the index being served) nor
+    a running build's files. Which run an index belongs to comes from its `<run hash>.json` (or,
+    for an index written before those, from its `meta` table, and the file is written then).
+
+    >>> import tempfile
+    >>> tidy_cache(tempfile.mkdtemp(), max_bytes=0).removed
+    0
+    """
+    try:
+        entries = _entries(cache_dir)
+    except OSError:  # an unreadable cache is left as it is
+        return Tidied()
+    runs: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e.kind == "run":
+            runs[e.run_hash] = _read_run_file(e.path)
+    for e in entries:
+        if e.kind == "index" and "run" not in runs.get(e.run_hash, {}):
+            run = _indexed_run(e.path)
+            runs[e.run_hash] = {"run": run, "used": os.path.getmtime(e.path)}
+            if run is not None and not _run_is_gone(run):  # (a gone run's index goes below)
+                with contextlib.suppress(OSError):
+                    _write_run_file(_run_file(cache_dir, e.run_hash), runs[e.run_hash])
+    keep_hash = os.path.basename(keep)[:16] if keep else None
+    done = Tidied()
+    left: list[_Entry] = []
+    for e in entries:
+        if e.kind == "dead":
+            if _remove(e):
+                done.other, done.freed = done.other + 1, done.freed + e.size
+        elif e.kind == "index" and e.path != keep and _run_is_gone(runs.get(e.run_hash, {}).get("run")):
+            if _remove(e):
+                done.gone_runs, done.freed = done.gone_runs + 1, done.freed + e.size
+        else:
+            left.append(e)
+    indexes = [e for e in left if e.kind == "index"]
+    total = sum(e.size for e in indexes)
+
+    def last_used(e: _Entry) -> tuple[float, float]:
+        used = runs.get(e.run_hash, {}).get("used")
+        mtime = os.path.getmtime(e.path) if os.path.exists(e.path) else 0.0
+        return (used if isinstance(used, int | float) else mtime, mtime)
+
+    for e in sorted((e for e in indexes if e.path != keep), key=last_used):
+        if total <= max_bytes:
+            break
+        if _remove(e):
+            done.evicted, done.freed = done.evicted + 1, done.freed + e.size
+            total -= e.size
+            left.remove(e)
+    needed = {e.run_hash for e in left if e.kind in ("index", "live")} | {keep_hash}
+    for e in left:
+        if e.kind == "run" and e.run_hash not in needed and _remove(e):
+            done.other, done.freed = done.other + 1, done.freed + e.size
+    done.kept_bytes = total
+    return done
+
+
+def clear_cache(cache_dir: str | None = None) -> Tidied:
+    """Empty the cache: every index and run file, and dead builds' leftovers; a running build's
+    files stay (it finishes and is used). Servers running on a deleted index keep it open.
+
+    >>> import tempfile
+    >>> clear_cache(tempfile.mkdtemp()).removed
+    0
+    """
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    done = Tidied()
+    try:
+        entries = _entries(cache_dir)
+    except OSError as e:
+        raise ConfigError(f"cache-dir: cannot read {cache_dir}: {e.strerror or e}") from None
+    for e in entries:
+        if e.kind == "live" or not _remove(e):
+            continue
+        if e.kind == "index":
+            done.evicted += 1
+        else:
+            done.other += 1
+        done.freed += e.size
+    return done
 
 
 def _sql_str(s: str) -> str:

@@ -171,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="A read-only web app over a run (local dir or s3://...): a grid of the "
         "downloaded samples with caption, query, status and drop reason, filters and caption "
         "search, one page per sample, and the per-query distribution before and after the cap.",
-        epilog="example:\n  wit-build serve runs/r1 --port 8000   # then open http://127.0.0.1:8000/",
+        epilog="examples:\n  wit-build serve runs/r1 --port 8000   # then open http://127.0.0.1:8000/\n"
+        "  wit-build serve --clear-cache         # delete every cached index, then exit",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="DIR")
+    p.add_argument("run_dir", metavar="DIR", nargs="?", help="the run (required unless --clear-cache)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_non_negative, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument(
@@ -187,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="1GB",
         help="DuckDB memory limit while building the index and serving (default 1GB; the build spills "
         "to disk beyond it)",
+    )
+    p.add_argument(
+        "--cache-max-gb",
+        type=_non_negative_float,
+        default=10.0,
+        help="bound on the cached indexes' total size: beyond it the least recently served go first, "
+        "never the one being served; indexes of deleted local runs go anyway (default 10; 0 keeps "
+        "only the one being served)",
+    )
+    p.add_argument(
+        "--clear-cache",
+        action="store_true",
+        help="delete every cached index first (a build still running keeps its files); without DIR, then exit",
     )
 
     p = sub.add_parser(
@@ -212,6 +226,16 @@ def _non_negative(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):  # also NaN
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -318,10 +342,32 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from wit_builder.browse_index import clear_cache, default_cache_dir
+    from wit_builder.config import ConfigError
+
+    if args.clear_cache:
+        cleared = clear_cache(args.cache_dir)
+        print(
+            f"cleared {os.path.abspath(os.path.expanduser(args.cache_dir or default_cache_dir()))}: "
+            f"{cleared.evicted} index(es) and {cleared.other} other file(s) removed "
+            f"({cleared.freed / 1e6:,.0f} MB freed)",
+            flush=True,
+        )
+        if args.run_dir is None:
+            return 0
+    elif args.run_dir is None:
+        raise ConfigError("serve: the run directory DIR is required (or --clear-cache alone)")
     from wit_builder.serve import serve
 
     _check_run_dir(args.run_dir)
-    return serve(args.run_dir, host=args.host, port=args.port, cache_dir=args.cache_dir, memory_limit=args.memory_limit)
+    return serve(
+        args.run_dir,
+        host=args.host,
+        port=args.port,
+        cache_dir=args.cache_dir,
+        memory_limit=args.memory_limit,
+        cache_max_bytes=int(args.cache_max_gb * 1e9),
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

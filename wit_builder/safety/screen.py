@@ -27,7 +27,7 @@ import numpy as np
 from wit_builder.config import ConfigError
 from wit_builder.safety.hashes import HashIndex, parse_phash, parse_sha256
 from wit_builder.safety.lists import ListSpec, file_sha256, read_entries
-from wit_builder.safety.urls import UrlList, UrlParts, load_url_list
+from wit_builder.safety.urls import UrlList, UrlParts, load_url_list, one_url
 
 EVAL_REASON = "safety:eval_duplicate"
 
@@ -74,10 +74,10 @@ class UrlScreen:
         ...     "https://cdn.bad.example/a.jpg")
         'safety:blocklist:x'
         """
-        import pyarrow as pa
-
-        _, counts = self.apply(pa.table({"url": pa.array([url], pa.string())}))
-        return next((reason for reason, n in counts.items() if n), None)
+        parts = one_url(url)
+        if parts is None:
+            return None
+        return next((reason for reason, lst in self.lists if lst.matches(*parts)), None)
 
 
 def url_screen(blocklists: Sequence[ListSpec], optouts: Sequence[ListSpec]) -> UrlScreen | None:

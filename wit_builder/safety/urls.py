@@ -42,10 +42,12 @@ from wit_builder.config import ConfigError
 
 DEFAULT_PORTS = {"http": "80", "https": "443"}
 DROPPED_CHARS = "[\t\r\n]"  # urlsplit removes these anywhere in a URL
+_DROPPED = re.compile(DROPPED_CHARS)
 URL_RE = (
     r"(?s)^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?:[^/?#]*@)?"
     r"(?P<host>\[[^\]/?#\s]*\]|[^:/?#@\s]*)(?::(?P<port>[0-9]*))?(?P<rest>[/?#].*)?$"
 )
+_URL = re.compile(URL_RE)
 
 
 def normalize_host(host: str) -> str:
@@ -89,10 +91,10 @@ def host_forms(host: str) -> set[str]:
 
 def _split(url: str) -> tuple[str, str, str | None, str] | None:
     """(scheme, host, port, rest) of a URL (a bare `host/path` is read as http), or None."""
-    url = re.sub(DROPPED_CHARS, "", url.strip())
+    url = _DROPPED.sub("", url.strip())
     if "://" not in url:
         url = "http://" + url
-    m = re.match(URL_RE, url)
+    m = _URL.match(url)
     if m is None or not m.group("host"):
         return None
     return m.group("scheme"), m.group("host"), m.group("port"), m.group("rest") or ""
@@ -179,12 +181,16 @@ class UrlList:
 
     def __init__(self, name: str, kind: str, entries: Sequence[str]):
         self.name, self.kind = name, kind
+        parse = domain_entries if kind == "domain" else entry_keys
+        parsed = [parse(e) for e in entries]
+        self.bad = [e for e, forms in zip(entries, parsed) if not forms]  # entries without a host
         if kind == "domain":
-            self.domains = set().union(*(domain_entries(e) for e in entries))
+            self.domains = set().union(*parsed)
         else:
-            keys = set().union(*(entry_keys(e) for e in entries))
+            keys = set().union(*parsed)
             if kind == "url":
-                self.url_keys = pa.array(sorted(set(keys)), pa.string())
+                self.url_key_set = frozenset(keys)  # one URL at a time (`matches`)
+                self.url_keys = pa.array(sorted(keys), pa.string())  # a block (`mask`)
             else:  # prefix: per host, the lengths to cut at and the prefixes
                 self.prefixes: dict[str, tuple[list[int], set[str]]] = {}
                 by_host: dict[str, set[str]] = defaultdict(set)
@@ -204,6 +210,16 @@ class UrlList:
             host = host[dot + 1 :]
         return True
 
+    def matches(self, host: str, key: str) -> bool:
+        """One URL's verdict from its normalised host and match key (`one_url`): set lookups only,
+        so the download's fetcher can ask about every redirect hop (`mask` is for blocks)."""
+        if self.kind == "domain":
+            return self.host_matches(host)
+        if self.kind == "url":
+            return key in self.url_key_set
+        entry = self.prefixes.get(host)
+        return entry is not None and any(key[:length] in entry[1] for length in entry[0])
+
     def mask(self, parts: UrlParts) -> np.ndarray:
         n = len(parts.codes)
         if self.kind == "domain":
@@ -222,6 +238,22 @@ class UrlList:
         return out
 
 
+def one_url(url: str) -> tuple[str, str] | None:
+    """(normalised host, match key) of one URL the way `UrlParts.of` splits a column (a URL
+    without a scheme or host: None, as a null there).
+
+    >>> one_url(" HTTP://Img.Example.COM:80/a.jpg#x")
+    ('img.example.com', 'img.example.com/a.jpg')
+    """
+    m = _URL.match(_DROPPED.sub("", url.strip()))
+    if m is None:
+        return None
+    host = normalize_host(m.group("host"))
+    if not host:
+        return None
+    return host, _key(m.group("scheme"), host, m.group("port"), m.group("rest") or "")
+
+
 def _host_of_key(key: str) -> str:
     """The host of a match key (the key without port and path)."""
     end = len(key)
@@ -236,7 +268,7 @@ def load_url_list(name: str, kind: str, entries: Sequence[str]) -> UrlList:
     """A UrlList, or ConfigError naming the list when an entry has no host."""
     if kind not in ("domain", "url", "prefix"):
         raise ConfigError(f"list {name!r}: kind {kind!r} is not a URL kind")
-    bad = [e for e in entries if not (domain_entries(e) if kind == "domain" else entry_keys(e))]
-    if bad:
-        raise ConfigError(f"list {name!r}: {len(bad)} entries have no host, e.g. {bad[0]!r}")
-    return UrlList(name, kind, entries)
+    url_list = UrlList(name, kind, entries)
+    if url_list.bad:
+        raise ConfigError(f"list {name!r}: {len(url_list.bad)} entries have no host, e.g. {url_list.bad[0]!r}")
+    return url_list

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, abort, render_template, request, url_for
 
 from wit_builder.browse import DISTRIBUTION_ORDERS, STATUSES, Browser, Filters
-from wit_builder.browse_index import DEFAULT_MEMORY_LIMIT
+from wit_builder.browse_index import DEFAULT_CACHE_MAX_BYTES, DEFAULT_MEMORY_LIMIT
 
 PAGE_SIZE = 60
 QUERY_PAGE_SIZE = 50
@@ -178,10 +178,12 @@ def serve(
     port: int = 8000,
     cache_dir: str | None = None,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
 ) -> int:
-    """Open (or, on the first serve of the run as it is, build) the run's index in `cache_dir`,
-    then serve it on http://host:port until Ctrl-C (werkzeug's threaded server). Raises
-    ConfigError for a missing run dir, a port that is taken, a bad memory limit or cache dir."""
+    """Open (or, on the first serve of the run as it is, build) the run's index in `cache_dir`
+    (tidied down to `cache_max_bytes`, see browse_index.tidy_cache), then serve it on
+    http://host:port until Ctrl-C (werkzeug's threaded server). Raises ConfigError for a missing
+    run dir, a port that is taken, a bad memory limit or cache dir."""
     import socket
     import time
 
@@ -198,7 +200,13 @@ def serve(
     except OSError as e:
         raise taken(e) from None
     started = time.monotonic()
-    browser = Browser(run_dir, cache_dir=cache_dir, memory_limit=memory_limit, log=lambda m: print(m, flush=True))
+    browser = Browser(
+        run_dir,
+        cache_dir=cache_dir,
+        memory_limit=memory_limit,
+        log=lambda m: print(m, flush=True),
+        cache_max_bytes=cache_max_bytes,
+    )
     n = browser.count(Filters())
     print(f"{n:,} samples ready in {time.monotonic() - started:.1f} s", flush=True)
     try:

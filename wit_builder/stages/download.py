@@ -23,7 +23,8 @@ the header and resizes with img2dataset's resizer (wit_builder.resize), then wri
 
 `retry_failed(ctx, cfg)` (CLI: `wit-build download DIR --retry-failed`) re-fetches only the
 transient failures (timeouts, resets, 5xx, 429) of finished shards and rewrites those shards
-atomically; successes are kept byte for byte.
+atomically; successes are kept byte for byte. Its bar counts the transient failures and moves
+within a shard as they are re-fetched, through the same reporting as the download (`_fetch_reporting`).
 
 Example:
     >>> cfg = Config(shard_size=500, image_size=384, allow_private_network=True)
@@ -382,6 +383,21 @@ def _download_rows(rows: list[dict[str, Any]], cfg: Config) -> Iterator[tuple[in
                 yield i, None, e.reason
 
 
+def _fetch_reporting(rows: list[dict[str, Any]], cfg: Config, done: int = 0) -> Iterator[tuple[int, Any, str | None]]:
+    """`_download_rows`, reporting the part's progress as each image finishes, so the pass's bar
+    moves within a shard (wit_builder.progress.reporter; a no-op outside a part): `done` and
+    `count` = rows so far (starting from `done`, rows settled without a fetch), `successes`,
+    `image_bytes`. The download and its retry (`retry_shard`) both fetch through it."""
+    live = reporter()
+    ok = nbytes = 0
+    for i, resized, error in _download_rows(rows, cfg):
+        done += 1
+        if resized is not None:
+            ok, nbytes = ok + 1, nbytes + len(resized.data)
+        live.update(done=done, count=done, successes=ok, image_bytes=nbytes)
+        yield i, resized, error
+
+
 def _record(row: dict[str, Any], shard: str, resized: Any, error: str | None) -> dict[str, Any]:
     ok = resized is not None
     return {
@@ -479,16 +495,11 @@ def download_shard(spec: ShardSpec, cfg: Config, out_dir: str) -> dict[str, Any]
             first[row["uid"]] = i
             todo.append(i)
     sub = [rows[i] for i in todo]
-    live = reporter()
-    done, ok, nbytes = len(rows) - len(todo), 0, 0
-    for j, resized, error in _download_rows(sub, cfg):
+    for j, resized, error in _fetch_reporting(sub, cfg, done=len(rows) - len(todo)):
         rec = _record(sub[j], spec.name, resized, error)
         records[todo[j]] = rec
         if resized is not None:
             members.extend(_sample_members(rec, resized.data, ext))
-            ok, nbytes = ok + 1, nbytes + rec["bytes"]
-        done += 1
-        live.update(done=done, count=done, successes=ok, image_bytes=nbytes)
     return _write_shard(out_dir, spec.name, [r for r in records if r is not None], members, time.monotonic() - start)
 
 
@@ -505,7 +516,7 @@ def retry_shard(spec: ShardSpec, cfg: Config, out_dir: str, download_markers: st
     todo = [i for i, r in enumerate(records) if r["status"] != "success" and is_transient(r["error"])]
     sub = [records[i] for i in todo]
     changed, new_members = 0, []
-    for j, resized, error in _download_rows(sub, cfg):
+    for j, resized, error in _fetch_reporting(sub, cfg):
         old = sub[j]
         rec = _record(old, shard, resized, error)
         if rec != old:
@@ -573,6 +584,26 @@ def _progress_line(totals: dict[str, Any]) -> str:
     """
     seen = max(totals.get("count", 0), 1)
     return f"ok {100 * totals.get('successes', 0) / seen:.1f}% {totals.get('image_bytes', 0) / 1e6:,.1f} MB"
+
+
+def _retry_line(totals: dict[str, Any]) -> str:
+    """The retry bar's postfix: failures recovered so far, of those retried (finished shards'
+    `recovered`/`retried` plus running shards' live `successes`/`count`).
+
+    >>> _retry_line({"retried": 10, "recovered": 4, "count": 5, "successes": 1})
+    'recovered 5 of 15'
+    """
+    retried = totals.get("retried", 0) + totals.get("count", 0)
+    return f"recovered {totals.get('recovered', 0) + totals.get('successes', 0):,} of {retried:,}"
+
+
+def _transient_count(counts: dict[str, Any]) -> int:
+    """How many of a finished shard's failures (its marker's `errors`) are worth a retry.
+
+    >>> _transient_count({"errors": {"timeout": 2, "http_503": 1, "http_404": 5}})
+    3
+    """
+    return sum(n for error, n in counts.get("errors", {}).items() if is_transient(error))
 
 
 def _check_resolver(cfg: Config) -> None:
@@ -646,9 +677,12 @@ def retry_failed(ctx: StageContext, cfg: Config) -> StageResult:
             "retry",
             functools.partial(retry_shard, cfg=cfg, out_dir=ctx.stage_dir("download"), download_markers=markers),
             desc="download retry",
+            postfix=_retry_line,
         )
         executor.reset(step.marker_dir)  # each invocation retries afresh
-        retried = executor.run_pass(step, [executor.Part(s.name, s, s.rows) for s in todo], progress=ctx.progress)
+        # a shard weighs its transient failures, the images its retry fetches (and reports as they finish)
+        parts = [executor.Part(s.name, s, _transient_count(finished[s.name])) for s in todo]
+        retried = executor.run_pass(step, parts, progress=ctx.progress)
         executor.reset(step.marker_dir)
         after = executor.finished(markers)
     rewritten = sorted(name for name, c in retried.items() if c["rewritten"])
