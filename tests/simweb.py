@@ -20,7 +20,8 @@ The mix, and where each figure comes from:
 - Host kinds among the other hosts: nxdomain 4%, refused 2%, dns_silent 1%, slow 3%
   (0.3-1.5 s before the headers), trickle 1% (the body at ~16 KB/s) (ASSUMPTIONS, chosen so
   that overall success lands near the published ~80%).
-- Images: the real COCO photos of ../shared/data/images/coco_mini (or tests/data), served as
+- Images: the real COCO photos of ../shared/data/images/coco_mini (or demo/images; the tests use
+  demo/images, and the photo drawn for a URL comes from its own random stream), served as
   they are (real JPEG sizes, ~160 KB).
 
 The server logs connections per host (by the local address a connection came in on, from
@@ -107,6 +108,7 @@ def build_spec(
     weights = [1.0 / (k + 1) ** ZIPF_S for k in range(n_hosts)]
     picks = rng.choices(range(n_hosts), weights=weights, k=n_urls)
     photos = sorted(f for f in os.listdir(photos_dir or globals()["photos_dir"]()) if f.lower().endswith(".jpg"))
+    photo_rng = random.Random(f"{seed}-photos")  # the hosts and URL kinds do not depend on the photos
     urls = []
     for i, k in enumerate(picks):
         r, acc, kind = rng.random(), 0.0, "img"
@@ -115,7 +117,7 @@ def build_spec(
             if r < acc:
                 kind = name
                 break
-        urls.append(f"http://{hosts[k]['name']}/{kind}/{i}-{rng.randrange(len(photos))}.jpg")
+        urls.append(f"http://{hosts[k]['name']}/{kind}/{i}-{photo_rng.randrange(len(photos))}.jpg")
     return {"hosts": hosts, "urls": urls, "photos_dir": photos_dir or globals()["photos_dir"](), "seed": seed}
 
 

@@ -21,7 +21,7 @@ from wit_builder.pipeline import load_pipeline
 from wit_builder.safety.hashes import HashIndex
 from wit_builder.safety.lists import ListSpec, read_entries
 from wit_builder.safety.screen import ImageScreen, load_image_lists, url_screen
-from wit_builder.safety.urls import UrlList, UrlParts, url_key
+from wit_builder.safety.urls import UrlList, UrlParts, entry_key_set, entry_keys, url_key
 
 pytestmark = pytest.mark.timeout(60)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +56,24 @@ def test_url_keys_normalise_case_idna_dots_ports_and_fragments():
 def test_column_keys_equal_the_scalar_keys():
     parts = UrlParts.of(pa.array(TRICKY, pa.string()))
     assert parts.keys.to_pylist() == [url_key(u) if u else None for u in TRICKY]
+
+
+def test_list_entries_keyed_column_wise_equal_the_scalar_keys():
+    """A url/prefix list is loaded column-wise (`entry_key_set`): the same keys and the same
+    host-less entries as `entry_keys` one at a time, non-ASCII and scheme-less entries too."""
+    entries = [u for u in TRICKY if u] + [
+        "example.com/private/",
+        "  Bücher.example/x ",
+        "https://EXAMPLE.com:443/Q?x#f",
+        "ftp://x.example/a",
+        "http://[::1]:8080/a",
+        "http://:80/",
+        "a b/c",
+        "\tex\nample.com/p",
+    ]
+    keys, bad = entry_key_set(entries)
+    assert keys == set().union(*(entry_keys(e) for e in entries))
+    assert sorted(bad) == sorted(e for e in entries if not entry_keys(e)) and bad, "some entries have no host"
 
 
 def test_domain_url_and_prefix_lists():

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from simweb import SimWeb, build_spec
+from simweb import PHOTOS_FALLBACK, SimWeb, build_spec
 from test_download import all_samples, make_selection
 from wit_builder import executor
 from wit_builder.stages import download
@@ -21,7 +21,8 @@ N_URLS, N_HOSTS = 300, 520
 
 @pytest.fixture(scope="module")
 def web():
-    with SimWeb(build_spec(N_URLS, N_HOSTS, seed=3)) as w:
+    # the demo's photos, so the test does not depend on ../shared being there
+    with SimWeb(build_spec(N_URLS, N_HOSTS, seed=3, photos_dir=PHOTOS_FALLBACK)) as w:
         yield w
 
 
