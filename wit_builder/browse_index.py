@@ -72,6 +72,11 @@ def default_cache_dir() -> str:
     return os.path.join(base, "wit-builder", "serve")
 
 
+def resolve_cache_dir(cache_dir: str | None = None) -> str:
+    """The cache directory as an absolute path (`default_cache_dir()` when None; `~` expanded)."""
+    return os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+
+
 def run_id(run_dir: str) -> str:
     """The run as the cache names it: an absolute local path, or the URL as given.
 
@@ -111,7 +116,7 @@ def _run_prefix(run_dir: str) -> str:
 
 def index_path(run_dir: str, cache_dir: str | None = None) -> str:
     """Where the index of the run as it is now lies (or will): CACHE/<run hash>-<fingerprint>.duckdb."""
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    cache_dir = resolve_cache_dir(cache_dir)
     return os.path.join(cache_dir, f"{_run_prefix(run_dir)}-{fingerprint(run_dir)[:24]}.duckdb")
 
 
@@ -156,8 +161,7 @@ def _remove_older(path: str) -> None:
             continue
         pid = _builder_pid(other)
         if other.endswith(".duckdb") or (pid is not None and not _alive(pid)):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(other) if os.path.isdir(other) else os.remove(other)
+            _remove_path(other)
 
 
 def _builder_pid(name: str) -> int | None:
@@ -306,11 +310,12 @@ def _size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _remove(entry: _Entry) -> bool:
-    """Delete the entry; whether it is gone now (also when another process tidied it first)."""
+def _remove_path(path: str) -> bool:
+    """Delete a cache file or a build's temp directory; whether it is gone now (also when another
+    process removed it first)."""
     with contextlib.suppress(OSError):
-        shutil.rmtree(entry.path) if os.path.isdir(entry.path) else os.remove(entry.path)
-    return not os.path.lexists(entry.path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return not os.path.lexists(path)
 
 
 def tidy_cache(cache_dir: str, max_bytes: int, keep: str | None = None) -> Tidied:
@@ -344,10 +349,10 @@ def tidy_cache(cache_dir: str, max_bytes: int, keep: str | None = None) -> Tidie
     left: list[_Entry] = []
     for e in entries:
         if e.kind == "dead":
-            if _remove(e):
+            if _remove_path(e.path):
                 done.other, done.freed = done.other + 1, done.freed + e.size
         elif e.kind == "index" and e.path != keep and _run_is_gone(runs.get(e.run_hash, {}).get("run")):
-            if _remove(e):
+            if _remove_path(e.path):
                 done.gone_runs, done.freed = done.gone_runs + 1, done.freed + e.size
         else:
             left.append(e)
@@ -362,13 +367,13 @@ def tidy_cache(cache_dir: str, max_bytes: int, keep: str | None = None) -> Tidie
     for e in sorted((e for e in indexes if e.path != keep), key=last_used):
         if total <= max_bytes:
             break
-        if _remove(e):
+        if _remove_path(e.path):
             done.evicted, done.freed = done.evicted + 1, done.freed + e.size
             total -= e.size
             left.remove(e)
     needed = {e.run_hash for e in left if e.kind in ("index", "live")} | {keep_hash}
     for e in left:
-        if e.kind == "run" and e.run_hash not in needed and _remove(e):
+        if e.kind == "run" and e.run_hash not in needed and _remove_path(e.path):
             done.other, done.freed = done.other + 1, done.freed + e.size
     done.kept_bytes = total
     return done
@@ -382,14 +387,14 @@ def clear_cache(cache_dir: str | None = None) -> Tidied:
     >>> clear_cache(tempfile.mkdtemp()).removed
     0
     """
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    cache_dir = resolve_cache_dir(cache_dir)
     done = Tidied()
     try:
         entries = _entries(cache_dir)
     except OSError as e:
         raise ConfigError(f"cache-dir: cannot read {cache_dir}: {e.strerror or e}") from None
     for e in entries:
-        if e.kind == "live" or not _remove(e):
+        if e.kind == "live" or not _remove_path(e.path):
             continue
         if e.kind == "index":
             done.evicted += 1

@@ -342,13 +342,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from wit_builder.browse_index import clear_cache, default_cache_dir
+    from wit_builder.browse_index import clear_cache, resolve_cache_dir
     from wit_builder.config import ConfigError
 
     if args.clear_cache:
         cleared = clear_cache(args.cache_dir)
         print(
-            f"cleared {os.path.abspath(os.path.expanduser(args.cache_dir or default_cache_dir()))}: "
+            f"cleared {resolve_cache_dir(args.cache_dir)}: "
             f"{cleared.evicted} index(es) and {cleared.other} other file(s) removed "
             f"({cleared.freed / 1e6:,.0f} MB freed)",
             flush=True,

@@ -89,10 +89,11 @@ def host_forms(host: str) -> set[str]:
     return forms
 
 
-def _split(url: str) -> tuple[str, str, str | None, str] | None:
-    """(scheme, host, port, rest) of a URL (a bare `host/path` is read as http), or None."""
+def _split(url: str, bare_as_http: bool = True) -> tuple[str, str, str | None, str] | None:
+    """(scheme, host, port, rest) of a URL, or None; a bare `host/path` is read as http (list
+    entries), or as no URL with `bare_as_http=False` (fetched URLs, as `UrlParts.of` reads them)."""
     url = _DROPPED.sub("", url.strip())
-    if "://" not in url:
+    if bare_as_http and "://" not in url:
         url = "http://" + url
     m = _URL.match(url)
     if m is None or not m.group("host"):
@@ -254,8 +255,7 @@ class UrlList:
         if len(rows):
             keys = parts.keys.take(pa.array(rows)).to_pylist()
             for row, key in zip(rows.tolist(), keys):
-                lengths, prefixes = self.prefixes[parts.hosts[parts.codes[row]]]
-                out[row] = any(key[:length] in prefixes for length in lengths)
+                out[row] = self.matches(parts.hosts[parts.codes[row]], key)
         return out
 
 
@@ -266,13 +266,12 @@ def one_url(url: str) -> tuple[str, str] | None:
     >>> one_url(" HTTP://Img.Example.COM:80/a.jpg#x")
     ('img.example.com', 'img.example.com/a.jpg')
     """
-    m = _URL.match(_DROPPED.sub("", url.strip()))
-    if m is None:
+    parts = _split(url, bare_as_http=False)
+    if parts is None:
         return None
-    host = normalize_host(m.group("host"))
-    if not host:
-        return None
-    return host, _key(m.group("scheme"), host, m.group("port"), m.group("rest") or "")
+    scheme, host, port, rest = parts
+    host = normalize_host(host)
+    return (host, _key(scheme, host, port, rest)) if host else None
 
 
 def _host_of_key(key: str) -> str:
